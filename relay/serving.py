@@ -1,0 +1,73 @@
+"""Run an ASGI app under uvicorn inside the current event loop, on a socket bound up front.
+
+Binding the socket ourselves means the caller knows the port before the server starts
+(port 0 picks a free one), which the demo (relay + simulator in one process) and the tests
+both need.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import AsyncIterator
+
+import uvicorn
+from starlette.types import ASGIApp
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def base_url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    app: ASGIApp,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    access_log: bool = False,
+    shutdown_timeout: int = 5,
+) -> AsyncIterator[str]:
+    """Serve `app` until the block exits; yields the base URL (``http://host:port``)."""
+    sock = bind_socket(host, port)
+    config = uvicorn.Config(
+        app,
+        log_config=None,
+        access_log=access_log,
+        lifespan="on",
+        timeout_graceful_shutdown=shutdown_timeout,
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()  # re-raise the start-up failure
+                    raise RuntimeError("uvicorn exited during start-up")
+                await asyncio.sleep(0.01)
+        yield base_url_of(sock)
+    finally:
+        server.should_exit = True
+        try:
+            async with asyncio.timeout(shutdown_timeout + 5):
+                await task
+        except TimeoutError:
+            server.force_exit = True
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        sock.close()
