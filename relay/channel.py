@@ -40,6 +40,8 @@ class UpstreamStatus:
 
 
 class ChannelSink(Protocol):
-    async def publish(self, account_id: str, event: Incoming) -> None: ...
+    async def publish(self, account_id: str, event: Incoming) -> bool:
+        """False when the event repeated an upstream id and was dropped."""
+        ...
 
     def upstream_changed(self, status: UpstreamStatus) -> None: ...

@@ -220,10 +220,10 @@ def _describe(error: Any) -> str:
 
 
 def load_settings(
-    path: Path | None = None, overrides: dict[str, Any] | None = None, *, require_file: bool = False
+    path: Path | None = None, overrides: dict[str, Any] | None = None, *, default_file: bool = True
 ) -> Settings:
-    """Settings from `path` (default ./config.toml if present), the environment and `overrides`."""
-    if path is None and not require_file:
+    """Settings from `path` (else ./config.toml if present and `default_file`), the environment and `overrides`."""
+    if path is None and default_file:
         path = DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None
     data = _read_toml(path) if path is not None else {}
     token = _file_data.set(data)

@@ -11,9 +11,30 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from typing import Protocol, runtime_checkable
 
 import uvicorn
 from starlette.types import ASGIApp
+
+
+@runtime_checkable
+class Drainable(Protocol):
+    async def drain(self) -> None:
+        """Called when the server starts shutting down, before it stops accepting connections."""
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but an app with `drain()` is told first, so its long-lived streams end cleanly
+    instead of being cut when uvicorn's graceful-shutdown timeout runs out."""
+
+    def __init__(self, config: uvicorn.Config, app: object) -> None:
+        super().__init__(config)
+        self._drainable = app if isinstance(app, Drainable) else None
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._drainable is not None:
+            await self._drainable.drain()
+        await super().shutdown(sockets)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -50,7 +71,7 @@ async def running_server(
         lifespan="on",
         timeout_graceful_shutdown=shutdown_timeout,
     )
-    server = uvicorn.Server(config)
+    server = DrainingServer(config, app)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         async with asyncio.timeout(10):

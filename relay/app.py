@@ -1,0 +1,278 @@
+"""HTTP routes. Each handler checks its input, asks the runtime, and answers; nothing else lives here."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from sse_starlette.sse import AppStatus
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from relay.auth import COOKIE_NAME, Grant, InvalidToken, admin_key_matches
+from relay.channel import UpstreamState
+from relay.config import Settings
+from relay.hub import Full
+from relay.runtime import Relay, drain, open_relay
+from relay.stream import SubscriberStream
+from relay.subscriber import Subscriber
+from relay.webhooks import dialstack_webhook
+
+log = structlog.get_logger(__name__)
+STATIC_DIR = Path(__file__).parent / "static"
+_MAX_EVENT_FILTER = 64  # event types a client may list in ?events=
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def unauthorized(message: str) -> JSONResponse:
+    return error(401, message, {"WWW-Authenticate": 'Bearer realm="relay"'})
+
+
+def runtime(request: Request) -> Relay:
+    relay: Relay = request.app.state.relay
+    return relay
+
+
+def bearer(request: Request) -> str | None:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+
+
+def presented_token(request: Request, allow_query: bool) -> str | None:
+    """The subscriber token from the Authorization header, the relay_token cookie, or ?token=."""
+    token = bearer(request) or request.cookies.get(COOKIE_NAME)
+    if token:
+        return token
+    query = request.query_params.get("token")
+    if query is not None and not allow_query:
+        raise InvalidToken("query-string tokens are disabled here (auth.allow_query_token)")
+    return query or None
+
+
+def authenticate(request: Request) -> Grant:
+    relay = runtime(request)
+    token = presented_token(request, relay.settings.auth.allow_query_token)
+    if token is None:
+        raise InvalidToken(
+            "a subscriber token is required (Authorization: Bearer, relay_token cookie or ?token=)"
+        )
+    return relay.verifier.verify(token)
+
+
+def event_filter(request: Request) -> frozenset[str] | None:
+    raw = request.query_params.get("events")
+    if raw is None:
+        return None
+    names = frozenset(name.strip() for name in raw.split(",") if name.strip())
+    if not names or len(names) > _MAX_EVENT_FILTER:
+        raise ValueError(f"events= must list 1 to {_MAX_EVENT_FILTER} event types, comma-separated")
+    return names
+
+
+async def events(request: Request) -> Response:
+    relay = runtime(request)
+    if relay.draining:
+        return error(503, "the relay is shutting down; reconnect", {"Retry-After": "1"})
+    try:
+        grant = authenticate(request)
+    except InvalidToken as exc:
+        return unauthorized(str(exc))
+    try:
+        requested = event_filter(request)
+    except ValueError as exc:
+        return error(400, str(exc))
+    last_event_id = request.headers.get("last-event-id") or request.query_params.get(
+        "last_event_id"
+    )
+    try:
+        opened = await relay.hub.subscribe(
+            grant.account_id,
+            events=grant.narrowed(requested),
+            user_id=grant.user_id,
+            last_event_id=last_event_id,
+        )
+    except Full as exc:
+        return error(429, str(exc), {"Retry-After": str(exc.retry_after)})
+    log.info(
+        "client connected",
+        account=grant.account_id,
+        subject=grant.subject,
+        resumed=bool(last_event_id),
+        reset=opened.reset is not None,
+        replayed=len(opened.replay),
+    )
+
+    def closed(subscriber: Subscriber) -> None:
+        relay.hub.unsubscribe(subscriber)
+        log.info("client disconnected", account=subscriber.account_id, cut=subscriber.cut_reason)
+
+    return SubscriberStream(
+        opened,
+        retry_ms=relay.settings.server.client_retry_ms,
+        heartbeat_seconds=relay.settings.server.heartbeat_seconds,
+        status=relay.hub.upstream_status(grant.account_id),
+        on_close=closed,
+    )
+
+
+def admin_only(request: Request) -> JSONResponse | None:
+    key = runtime(request).settings.auth.admin_key
+    expected = key.get_secret_value() if key is not None else None
+    if expected is None:
+        return error(403, "admin endpoints are disabled: set auth.admin_key")
+    if not admin_key_matches(expected, bearer(request)):
+        return unauthorized("admin key required: Authorization: Bearer <auth.admin_key>")
+    return None
+
+
+async def json_body(request: Request, limit: int = 16 * 1024) -> dict[str, Any]:
+    body = await request.body()
+    if len(body) > limit:
+        raise ValueError(f"body larger than {limit} bytes")
+    try:
+        parsed = json.loads(body)
+    except ValueError:
+        raise ValueError("body must be a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise ValueError("body must be a JSON object")
+    return parsed
+
+
+async def tokens(request: Request) -> Response:
+    denied = admin_only(request)
+    if denied is not None:
+        return denied
+    relay = runtime(request)
+    try:
+        body = await json_body(request)
+        account_id = body.get("account_id")
+        ttl = body.get("ttl_seconds", 3600)
+        user_id = body.get("user_id")
+        event_types = body.get("events")
+        if not isinstance(account_id, str):
+            raise ValueError("account_id (acct_...) is required")
+        if not isinstance(ttl, int) or isinstance(ttl, bool):
+            raise ValueError("ttl_seconds must be an integer")
+        if user_id is not None and not isinstance(user_id, str):
+            raise ValueError("user_id must be a string")
+        if event_types is not None and (
+            not isinstance(event_types, list)
+            or not all(isinstance(e, str) and e for e in event_types)
+        ):
+            raise ValueError("events must be a list of event type names")
+        ttl = min(ttl, relay.settings.auth.max_token_ttl_seconds)
+        token, expires_at = relay.issuer.issue(account_id, ttl, user_id=user_id, events=event_types)
+    except ValueError as exc:
+        return error(400, str(exc))
+    return JSONResponse({"token": token, "expires_at": expires_at})
+
+
+async def status(request: Request) -> Response:
+    denied = admin_only(request)
+    if denied is not None:
+        return denied
+    hub = runtime(request).hub
+    upstreams = {s.account_id: s for s in runtime(request).upstreams.status()}
+    accounts = []
+    for account_id in sorted(set(upstreams) | set(hub.accounts())):
+        upstream = upstreams.get(account_id)
+        accounts.append(
+            {
+                "account_id": account_id,
+                "upstream": upstream.state.value if upstream else UpstreamState.IDLE.value,
+                "since": upstream.since if upstream else None,
+                "reconnects": upstream.reconnects if upstream else 0,
+                "events_relayed": upstream.events if upstream else 0,
+                "clients": hub.clients(account_id),
+                "detail": upstream.detail if upstream and upstream.detail else None,
+            }
+        )
+    return JSONResponse({"clients": hub.clients(), "accounts": accounts})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    relay = runtime(request)
+    if relay.draining:
+        return error(503, "shutting down")
+    if not await relay.broker.ready():
+        return error(503, "broker unreachable")
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics(request: Request) -> Response:
+    relay = runtime(request)
+    relay.metrics.upstreams.clear()
+    for upstream in relay.upstreams.status():
+        relay.metrics.upstreams.labels(upstream.state.value).inc()
+    return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+async def board(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "board.html", headers={"Cache-Control": "no-cache"})
+
+
+def _cors(settings: Settings) -> list[Middleware]:
+    origins = settings.server.cors_origins
+    if not origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_credentials="*" not in origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+            max_age=600,
+        )
+    ]
+
+
+class RelayApp(Starlette):
+    async def drain(self) -> None:
+        """Graceful shutdown: /readyz turns 503, every client gets a jittered `retry:` and a clean close."""
+        relay: Relay | None = getattr(self.state, "relay", None)
+        if relay is not None:
+            await drain(relay)
+
+
+def create_app(settings: Settings) -> RelayApp:
+    # The relay ends its streams itself (RelayApp.drain); sse-starlette's process-wide watcher
+    # would guess the server from the SIGTERM handler, which is wrong with several in one process.
+    AppStatus.enable_automatic_graceful_drain = False
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with open_relay(settings) as relay:
+            app.state.relay = relay
+            yield
+
+    routes = [
+        Route("/v1/events", events, methods=["GET"]),
+        Route("/v1/tokens", tokens, methods=["POST"]),
+        Route("/v1/status", status, methods=["GET"]),
+        Route("/v1/webhooks/dialstack", dialstack_webhook, methods=["POST"]),
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/", board, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ]
+    return RelayApp(routes=routes, middleware=_cors(settings), lifespan=lifespan)

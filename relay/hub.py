@@ -1,0 +1,242 @@
+"""Accounts → subscribers: admission, replay handover and fan-out.
+
+Sources (upstreams, webhooks) write into the hub as a `ChannelSink`; the broker numbers and keeps each
+event and hands it back through `deliver`, which queues the once-encoded frame to every matching local
+subscriber without awaiting any of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from relay.brokers.base import Broker
+from relay.channel import Incoming, UpstreamState, UpstreamStatus
+from relay.metrics import Metrics
+from relay.sse import encode_event
+from relay.stored import Stored, id_key
+from relay.subscriber import Subscriber
+
+log = structlog.get_logger(__name__)
+
+# What clients see of the upstream state: the first connection counts as reconnecting too.
+_CLIENT_STATE = {
+    UpstreamState.CONNECTING: "reconnecting",
+    UpstreamState.CONNECTED: "connected",
+    UpstreamState.RECONNECTING: "reconnecting",
+    UpstreamState.UNAUTHORIZED: "unauthorized",
+    UpstreamState.DEGRADED: "degraded",
+}
+
+
+class Demand(Protocol):
+    """Told when an account gains its first local subscriber and loses its last (the upstream manager)."""
+
+    def acquire(self, account_id: str) -> None: ...
+
+    def release(self, account_id: str) -> None: ...
+
+
+class Full(Exception):
+    """A client limit is reached; answer 429 with Retry-After."""
+
+    def __init__(self, reason: str, retry_after: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_clients: int
+    max_clients_per_account: int
+    client_buffer_events: int
+
+
+@dataclass(slots=True)
+class Opened:
+    """A new subscription and what to send before live events: a reset notice and/or the replay."""
+
+    subscriber: Subscriber
+    reset: str | None  # the Last-Event-ID that fell outside the replay window
+    replay: list[Stored]
+
+
+def upstream_frame(status: UpstreamStatus) -> bytes:
+    payload = {
+        "state": _CLIENT_STATE.get(status.state, status.state.value),
+        "since": status.since,
+        "reconnects": status.reconnects,
+    }
+    if status.detail:
+        payload["detail"] = status.detail
+    return encode_event(json.dumps(payload), event="relay.upstream")
+
+
+def reset_frame(last_event_id: str) -> bytes:
+    payload = {
+        "reason": "Last-Event-ID is outside the replay window; refetch your state",
+        "last_event_id": last_event_id[:64],
+    }
+    return encode_event(json.dumps(payload), event="relay.reset")
+
+
+class Hub:
+    def __init__(
+        self,
+        broker: Broker,
+        limits: Limits,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._broker = broker
+        self._limits = limits
+        self._metrics = metrics
+        self._clock = clock
+        self._accounts: dict[str, set[Subscriber]] = {}
+        self._count = 0
+        self.emptied = asyncio.Event()  # set while no client is connected (graceful drain waits on it)
+        self.emptied.set()
+        self._status: dict[str, UpstreamStatus] = {}
+        self.demand: Demand | None = None
+        broker.attach(self.deliver)
+
+    # -- sources -------------------------------------------------------------------------------
+
+    async def publish(self, account_id: str, event: Incoming, source: str = "upstream") -> bool:
+        """Publish into the account's channel; False when it was a duplicate and dropped."""
+        stored = await self._broker.publish(account_id, event)
+        if stored is None:
+            self._metrics.duplicates.inc()
+            return False
+        self._metrics.events_in.labels(source).inc()
+        return True
+
+    def upstream_changed(self, status: UpstreamStatus) -> None:
+        previous = self._status.get(status.account_id)
+        self._status[status.account_id] = status
+        log.info(
+            "upstream state",
+            account=status.account_id,
+            state=status.state.value,
+            reconnects=status.reconnects,
+            detail=status.detail or None,
+        )
+        if status.state is UpstreamState.IDLE:
+            return
+        if previous is not None and previous.state is status.state:
+            return
+        frame = upstream_frame(status)
+        for subscriber in tuple(self._accounts.get(status.account_id, ())):
+            subscriber.push(frame)
+
+    def upstream_status(self, account_id: str) -> UpstreamStatus | None:
+        return self._status.get(account_id)
+
+    # -- fan-out -------------------------------------------------------------------------------
+
+    def deliver(self, account_id: str, event: Stored) -> None:
+        subscribers = self._accounts.get(account_id)
+        if not subscribers:
+            return
+        started = self._clock()
+        for subscriber in tuple(subscribers):
+            subscriber.offer(event)
+        self._metrics.events_out.inc(len(subscribers))
+        self._metrics.fanout_seconds.observe(self._clock() - started)
+
+    # -- subscribers ---------------------------------------------------------------------------
+
+    def clients(self, account_id: str | None = None) -> int:
+        if account_id is None:
+            return self._count
+        return len(self._accounts.get(account_id, ()))
+
+    def accounts(self) -> list[str]:
+        return list(self._accounts)
+
+    async def subscribe(
+        self,
+        account_id: str,
+        *,
+        events: frozenset[str] | None,
+        user_id: str | None,
+        last_event_id: str | None,
+    ) -> Opened:
+        """Admit a client; raises Full past a limit. Replay and live are handed over gap- and repeat-free."""
+        if self._count >= self._limits.max_clients:
+            self._metrics.rejected.labels("max_clients").inc()
+            raise Full("the relay is at max_clients", retry_after=5)
+        if len(self._accounts.get(account_id, ())) >= self._limits.max_clients_per_account:
+            self._metrics.rejected.labels("max_clients_per_account").inc()
+            raise Full("this account is at max_clients_per_account", retry_after=5)
+        subscriber = Subscriber(
+            account_id,
+            events=events,
+            user_id=user_id,
+            capacity=self._limits.client_buffer_events,
+            on_cut=self._cut,
+        )
+        self._add(subscriber)
+        if not last_event_id:
+            return Opened(subscriber, reset=None, replay=[])
+        subscriber.begin_replay()
+        try:
+            replay = await self._broker.replay(account_id, last_event_id)
+        except BaseException:
+            self.unsubscribe(subscriber)
+            raise
+        if replay is None:
+            self._metrics.resets.inc()
+            subscriber.end_replay(None)
+            return Opened(subscriber, reset=last_event_id, replay=[])
+        self._metrics.replays.inc()
+        bound = replay[-1].key if replay else id_key(last_event_id)
+        wanted = [event for event in replay if subscriber.wants(event)]
+        subscriber.end_replay(bound)
+        return Opened(subscriber, reset=None, replay=wanted)
+
+    def _add(self, subscriber: Subscriber) -> None:
+        account = self._accounts.get(subscriber.account_id)
+        if account is None:
+            account = self._accounts[subscriber.account_id] = set()
+            self._broker.watch(subscriber.account_id)
+            if self.demand is not None:
+                self.demand.acquire(subscriber.account_id)
+        account.add(subscriber)
+        self._count += 1
+        self.emptied.clear()
+        self._metrics.clients.set(self._count)
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        account = self._accounts.get(subscriber.account_id)
+        if account is None or subscriber not in account:
+            return
+        account.discard(subscriber)
+        self._count -= 1
+        if not self._count:
+            self.emptied.set()
+        self._metrics.clients.set(self._count)
+        if not account:
+            del self._accounts[subscriber.account_id]
+            self._broker.unwatch(subscriber.account_id)
+            if self.demand is not None:
+                self.demand.release(subscriber.account_id)
+
+    def finish_all(self, farewell: Callable[[], bytes]) -> int:
+        """End every stream cleanly with its own `farewell()` frame; returns how many were told."""
+        subscribers = [s for account in self._accounts.values() for s in account]
+        for subscriber in subscribers:
+            subscriber.finish(farewell())
+        return len(subscribers)
+
+    def _cut(self, subscriber: Subscriber) -> None:
+        self._metrics.slow_disconnects.inc()
+        log.info("slow client cut", account=subscriber.account_id, reason=subscriber.cut_reason)
+        self.unsubscribe(subscriber)

@@ -1,0 +1,100 @@
+"""The composition root: builds broker, hub, upstream manager and token checks from the settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import structlog
+
+from relay.auth import TokenIssuer, TokenVerifier
+from relay.brokers.base import Broker
+from relay.brokers.memory import MemoryBroker
+from relay.config import Settings
+from relay.hub import Hub, Limits
+from relay.metrics import Metrics
+from relay.sessions import session_source_for
+from relay.sse import encode_comment
+from relay.upstream import UpstreamManager
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class Relay:
+    settings: Settings
+    metrics: Metrics
+    broker: Broker
+    hub: Hub
+    upstreams: UpstreamManager
+    verifier: TokenVerifier
+    issuer: TokenIssuer
+    draining: bool = False
+
+
+def _broker_for(settings: Settings) -> Broker:
+    if settings.broker.url.startswith("memory:"):
+        return MemoryBroker(settings.replay)
+    raise NotImplementedError("the redis:// broker is not available yet")
+
+
+@contextlib.asynccontextmanager
+async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
+    """A running relay (upstreams of always_on accounts opened); everything is closed on exit."""
+    if settings.auth.secret is None:
+        raise ValueError("auth.secret is required")
+    secret = settings.auth.secret.get_secret_value()
+    ttl = settings.auth.max_token_ttl_seconds
+    metrics = Metrics()
+    broker = _broker_for(settings)
+    server = settings.server
+    hub = Hub(
+        broker,
+        Limits(server.max_clients, server.max_clients_per_account, server.client_buffer_events),
+        metrics,
+    )
+    timeout = httpx.Timeout(settings.upstream.connect_timeout_seconds, read=None)
+    async with httpx.AsyncClient(timeout=timeout) as http:
+        upstreams = UpstreamManager(settings, hub, session_source_for(settings, http), http)
+        hub.demand = upstreams
+        relay = Relay(
+            settings,
+            metrics,
+            broker,
+            hub,
+            upstreams,
+            TokenVerifier(secret, ttl),
+            TokenIssuer(secret, ttl),
+        )
+        try:
+            await upstreams.start()
+            yield relay
+        finally:
+            await upstreams.aclose()
+            await broker.aclose()
+
+
+DRAIN_SPREAD_MS = 15_000  # clients are told to come back over this window, not all at once
+DRAIN_WAIT_SECONDS = 5.0
+
+
+async def drain(relay: Relay) -> None:
+    """Stop admitting clients, end every stream with a jittered `retry:`, wait (bounded) for them to go."""
+    relay.draining = True
+    base = relay.settings.server.client_retry_ms
+
+    def farewell() -> bytes:
+        retry_ms = base + random.randint(0, DRAIN_SPREAD_MS)
+        return f"retry: {retry_ms}\n".encode() + encode_comment("relay shutting down")
+
+    told = relay.hub.finish_all(farewell)
+    log.info("draining", clients=told)
+    try:
+        async with asyncio.timeout(DRAIN_WAIT_SECONDS):
+            await relay.hub.emptied.wait()
+    except TimeoutError:
+        log.warning("drain timed out; remaining clients will be cut", clients=relay.hub.clients())

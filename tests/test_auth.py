@@ -1,0 +1,104 @@
+"""Subscriber tokens: what is accepted, and every way a token is refused."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+
+import jwt
+import pytest
+
+from relay.auth import Grant, InvalidToken, TokenIssuer, TokenVerifier, admin_key_matches
+
+SECRET = "k" * 48
+verifier = TokenVerifier(SECRET, max_ttl_seconds=3600)
+issuer = TokenIssuer(SECRET, max_ttl_seconds=3600)
+
+
+def b64(data: dict[str, object]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def signed(claims: dict[str, object], key: str = SECRET, **kwargs: object) -> str:
+    return jwt.encode(claims, key, algorithm="HS256", **kwargs)  # type: ignore[arg-type]
+
+
+def soon() -> int:
+    return int(time.time()) + 600
+
+
+def test_issued_token_round_trips() -> None:
+    token, expires_at = issuer.issue("acct_1", 600, user_id="user_1", events=["call.incoming"])
+    grant = verifier.verify(token)
+    assert grant == Grant("acct_1", expires_at, None, "user_1", frozenset({"call.incoming"}))
+
+
+@pytest.mark.parametrize(
+    ("token", "reason"),
+    [
+        (signed({"account_id": "acct_1", "exp": soon()}, key="x" * 48), "not valid"),
+        (signed({"account_id": "acct_1", "exp": int(time.time()) - 1}), "expired"),
+        (signed({"account_id": "acct_1", "exp": soon(), "nbf": soon()}), "not yet valid"),
+        (signed({"exp": soon()}), "account_id"),
+        (signed({"account_id": "acct_1"}), "exp"),
+        (signed({"account_id": "acct_1", "exp": int(time.time()) + 7200}), "max_token_ttl"),
+        (signed({"account_id": "bob", "exp": soon()}), "acct_"),
+        (signed({"account_id": "acct_1", "exp": soon(), "events": "call.end"}), "events"),
+        (signed({"account_id": "acct_1", "exp": soon(), "user_id": 7}), "user_id"),
+        (
+            b64({"alg": "none", "typ": "JWT"})
+            + "."
+            + b64({"account_id": "acct_1", "exp": soon()})
+            + ".",
+            "not valid",
+        ),
+        (
+            jwt.encode({"account_id": "acct_1", "exp": soon()}, SECRET, algorithm="HS512"),
+            "not valid",
+        ),
+        ("not-a-jwt", "not valid"),
+        ("a" * 10_000, "too large"),
+    ],
+    ids=[
+        "forged",
+        "expired",
+        "not-yet-valid",
+        "no-account",
+        "no-exp",
+        "too-long-lived",
+        "bad-account",
+        "events-not-list",
+        "user-not-string",
+        "alg-none",
+        "other-algorithm",
+        "garbage",
+        "huge",
+    ],
+)
+def test_refused_tokens(token: str, reason: str) -> None:
+    with pytest.raises(InvalidToken) as caught:
+        verifier.verify(token)
+    assert reason in str(caught.value)
+    assert token not in str(caught.value)
+
+
+def test_query_narrows_but_never_widens() -> None:
+    scoped = Grant("acct_1", soon(), events=frozenset({"call.incoming", "call.end"}))
+    assert scoped.narrowed(frozenset({"call.end", "call.answered"})) == frozenset({"call.end"})
+    assert scoped.narrowed(None) == frozenset({"call.incoming", "call.end"})
+    assert Grant("acct_1", soon()).narrowed(frozenset({"call.end"})) == frozenset({"call.end"})
+
+
+def test_issuer_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="acct_"):
+        issuer.issue("user_1", 60)
+    with pytest.raises(ValueError, match="ttl_seconds"):
+        issuer.issue("acct_1", 7200)
+
+
+def test_admin_key_check() -> None:
+    assert admin_key_matches("a" * 40, "a" * 40)
+    assert not admin_key_matches("a" * 40, "b" * 40)
+    assert not admin_key_matches(None, "anything")
+    assert not admin_key_matches("a" * 40, None)
