@@ -30,7 +30,7 @@ class Event:
 
 
 class LineTooLong(ValueError):
-    """An upstream line grew past the parser's limit; the stream must be dropped."""
+    """An upstream line, or the data of one event, grew past the parser's limit; drop the stream."""
 
 
 class SSEParser:
@@ -50,6 +50,7 @@ class SSEParser:
         self._after_cr = False
         self._at_stream_start = True
         self._data: list[str] = []
+        self._data_size = 0  # characters in _data: endless `data:` lines must not grow memory either
         self._event_type = ""
         self._id_buffer = ""
         self._block_id: str | None = None
@@ -100,6 +101,9 @@ class SSEParser:
             value = value[1:]
         if field == "data":
             self._data.append(value)
+            self._data_size += len(value) + 1
+            if self._data_size > self._max_line_bytes:
+                raise LineTooLong(f"SSE event data longer than {self._max_line_bytes} characters")
         elif field == "event":
             self._event_type = value
         elif field == "id":
@@ -119,6 +123,7 @@ class SSEParser:
             data = "\n".join(self._data)
             events.append(Event(event_type, data, self._block_id, self.last_event_id))
         self._data = []
+        self._data_size = 0
         self._event_type = ""
         self._block_id = None
 
