@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import uvicorn
 
 from relay.app import create_app
@@ -23,5 +25,12 @@ def serve(settings: Settings) -> int:
         access_log=True,
         timeout_graceful_shutdown=10,
     )
+    # uvicorn re-raises the SIGTERM it handled once it has shut down; the handler it then restores
+    # is this one, so a drained relay exits 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
     DrainingServer(config, app).run()
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
