@@ -32,6 +32,8 @@ from pydantic_settings import (
 
 DEFAULT_CONFIG_PATH = Path("config.toml")
 MIN_SECRET_LENGTH = 32
+# config.toml's published value: fine for `check`, refused by `serve`.
+EXAMPLE_SECRET_PREFIX = "dev-only-placeholder"  # noqa: S105
 _GENERATE_HINT = "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
 
 
@@ -153,6 +155,16 @@ class WebhookSettings(_Section):
             )
         return self
 
+    @field_validator("secret")
+    @classmethod
+    def _secrets_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        # Several secrets, comma-separated, while rotating: each must be non-blank.
+        if value is not None and any(not p.strip() for p in value.get_secret_value().split(",")):
+            raise ValueError(
+                "must be one signing secret, or several separated by commas, none blank"
+            )
+        return value
+
 
 _file_data: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("_file_data")
 
@@ -249,6 +261,11 @@ def require_serving(settings: Settings) -> None:
     problems: list[str] = []
     if settings.auth.secret is None:
         problems.append(f"  auth.secret: is required to verify subscriber tokens; {_GENERATE_HINT}")
+    elif settings.auth.secret.get_secret_value().startswith(EXAMPLE_SECRET_PREFIX):
+        problems.append(
+            "  auth.secret: is still the published placeholder of config.toml; anyone could sign "
+            f"tokens with it. Set RELAY_AUTH__SECRET; {_GENERATE_HINT}"
+        )
     upstream = settings.upstream
     static_only = bool(settings.accounts) and all(a.client_secret for a in settings.accounts)
     if upstream.secret_key is None and upstream.session_url is None and not static_only:

@@ -125,9 +125,26 @@ def test_serving_needs_a_secret_and_a_way_to_sessions() -> None:
         overrides={
             "auth": {"secret": SECRET},
             "accounts": [{"id": "acct_1", "client_secret": "cs_x"}],
-        }
+        },
     )
     require_serving(static)
+
+
+def test_serving_refuses_the_published_placeholder_secret() -> None:
+    with pytest.raises(ConfigError) as caught:
+        require_serving(
+            load_settings(ROOT / "config.toml", {"upstream": {"secret_key": "sk_test_x"}})
+        )
+    assert "placeholder" in str(caught.value)
+
+
+def test_webhook_secrets_may_rotate_but_not_be_blank(tmp_path: Path) -> None:
+    rotating = load_settings(
+        write(tmp_path, "[webhooks]\nenabled = true\nsecret = 'whsec_new,whsec_old'\n")
+    )
+    assert rotating.webhooks.secret is not None
+    with pytest.raises(ConfigError, match=r"webhooks\.secret"):
+        load_settings(write(tmp_path, "[webhooks]\nenabled = true\nsecret = 'whsec_new,'\n"))
 
 
 def test_relay_check_accepts_the_example_and_masks_it() -> None:
