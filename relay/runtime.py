@@ -58,7 +58,9 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
         metrics,
     )
     timeout = httpx.Timeout(settings.upstream.connect_timeout_seconds, read=None)
-    async with httpx.AsyncClient(timeout=timeout) as http:
+    # One long-lived stream per account (two while rotating): the pool must not cap them.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
         upstreams = UpstreamManager(settings, hub, session_source_for(settings, http), http)
         hub.demand = upstreams
         relay = Relay(

@@ -65,7 +65,7 @@ class SubscriberStream(EventSourceResponse):
             headers=STREAM_HEADERS,
             ping=heartbeat_seconds,
             sep="\n",
-            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat"),
+            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep="\n"),
             send_timeout=SEND_TIMEOUT_SECONDS,
         )
         self._subscriber = subscriber
