@@ -29,12 +29,22 @@ class DemoStack:
     issuer: TokenIssuer
 
     def token(
-        self, account_id: str = DEMO_ACCOUNTS[0], ttl: int = DEMO_TOKEN_TTL, **claims: str
+        self,
+        account_id: str = DEMO_ACCOUNTS[0],
+        ttl: int = DEMO_TOKEN_TTL,
+        *,
+        user_id: str | None = None,
+        events: list[str] | None = None,
     ) -> str:
-        return self.issuer.issue(account_id, ttl, **claims)[0]  # type: ignore[arg-type]
+        return self.issuer.issue(account_id, ttl, user_id=user_id, events=events)[0]
 
 
-def demo_settings(simulator_url: str, secret_key: str, **sections: dict[str, object]) -> Settings:
+def demo_settings(
+    simulator_url: str,
+    secret_key: str,
+    accounts: Sequence[str] = DEMO_ACCOUNTS,
+    **sections: dict[str, object],
+) -> Settings:
     values: dict[str, object] = {
         "auth": {"secret": secrets.token_urlsafe(48), "admin_key": secrets.token_urlsafe(32)},
         "upstream": {
@@ -44,7 +54,7 @@ def demo_settings(simulator_url: str, secret_key: str, **sections: dict[str, obj
             "backoff_initial_seconds": 0.5,
             "backoff_max_seconds": 5,
         },
-        "accounts": [{"id": account, "always_on": True} for account in DEMO_ACCOUNTS],
+        "accounts": [{"id": account, "always_on": True} for account in accounts],
     }
     for name, section in sections.items():
         current = values.get(name)
@@ -64,7 +74,7 @@ async def demo_stack(
     """Simulator and relay served on loopback (the relay on `port`); used by `relay demo` and tests."""
     simulator = Simulator(accounts=accounts, call_interval_seconds=call_interval_seconds)
     async with simulator.serve() as simulator_url:
-        settings = demo_settings(simulator_url, simulator.secret_key, **sections)
+        settings = demo_settings(simulator_url, simulator.secret_key, accounts, **sections)
         assert settings.auth.secret is not None
         issuer = TokenIssuer(
             settings.auth.secret.get_secret_value(), settings.auth.max_token_ttl_seconds

@@ -56,10 +56,10 @@ class SubscriberStream(EventSourceResponse):
     ) -> None:
         subscriber = opened.subscriber
         first = connected_frame(subscriber.account_id, retry_ms)
-        if status is not None:
-            first += upstream_frame(status)
         if opened.reset is not None:
             first += reset_frame(opened.reset)
+        if status is not None:
+            first += upstream_frame(status)
         super().__init__(
             _frames(opened, first),
             headers=STREAM_HEADERS,

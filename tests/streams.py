@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -11,11 +14,14 @@ import httpx
 
 from relay.sse import Event, SSEParser
 
+_HEARTBEAT = re.compile(rb"^: heartbeat(?:\r\n|\r|\n)", re.M)
+
 
 @dataclass
 class Stream:
     response: httpx.Response
     events: list[Event] = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)  # time.perf_counter() of each event
     raw: bytearray = field(default_factory=bytearray)  # every byte received, for wire-level checks
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     _arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -26,7 +32,8 @@ class Stream:
 
     @property
     def heartbeats(self) -> int:
-        return self.raw.count(b": heartbeat\n")
+        # Any of the three SSE line endings; sse-starlette ends its pings with CRLF.
+        return len(_HEARTBEAT.findall(self.raw))
 
     def of_type(self, *types: str) -> list[Event]:
         return [e for e in self.events if e.type in types]
@@ -58,13 +65,22 @@ class Stream:
         try:
             async for chunk in self.response.aiter_raw():
                 self.raw += chunk
-                self.events.extend(parser.feed(chunk))
+                parsed = parser.feed(chunk)
+                self.events.extend(parsed)
+                self.received_at.extend([time.perf_counter()] * len(parsed))
                 self._arrived.set()
         except (httpx.HTTPError, asyncio.CancelledError):
             pass
         finally:
             self.closed.set()
             self._arrived.set()
+
+
+def upstream_connected(events: list[Event]) -> bool:
+    """A `wait_for` predicate: the relay told this client its account's upstream is connected."""
+    return any(
+        e.type == "relay.upstream" and json.loads(e.data)["state"] == "connected" for e in events
+    )
 
 
 @contextlib.asynccontextmanager
