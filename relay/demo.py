@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import secrets
-import signal
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
@@ -13,7 +11,7 @@ from relay.app import create_app
 from relay.auth import TokenIssuer
 from relay.config import Settings
 from relay.logs import configure_logging
-from relay.serving import running_server
+from relay.serving import running_server, until_stop_signal
 from relay.simulator import Simulator
 
 DEMO_ACCOUNTS = ("acct_demo", "acct_other")
@@ -95,10 +93,5 @@ async def run_demo(host: str, port: int) -> int:
             "A call arrives every few seconds. Ctrl-C stops.",
             flush=True,
         )
-        # Installed after uvicorn's own handlers so Ctrl-C stops the whole demo, not one server.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        await until_stop_signal()
     return 0

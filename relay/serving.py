@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import socket
 from collections.abc import AsyncIterator
 from typing import Protocol, runtime_checkable
@@ -92,3 +93,17 @@ async def running_server(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         sock.close()
+
+
+async def until_stop_signal() -> None:
+    """Return on SIGINT or SIGTERM. Call it once the servers run: installed after uvicorn's own
+    handlers, these win, so Ctrl-C stops everything in the process rather than one server."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
 
 from relay.logs import configure_logging
+from relay.serving import until_stop_signal
 from relay.simulator.app import DEFAULT_SECRET_KEY, Simulator
 from relay.simulator.faults import Faults, LineEnding
 
@@ -110,10 +110,5 @@ async def _serve_until_stopped(simulator: Simulator, host: str, port: int) -> No
             "Ctrl-C stops.",
             flush=True,
         )
-        # Installed after uvicorn's own handlers, so that Ctrl-C ends the open streams first
-        # (leaving `serve`) rather than uvicorn waiting for them.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
-        await stop.wait()
+        # Leaving `serve` ends the open streams first, rather than uvicorn waiting for them.
+        await until_stop_signal()
