@@ -101,7 +101,8 @@ class Hub:
         self._clock = clock
         self._accounts: dict[str, set[Subscriber]] = {}
         self._count = 0
-        self.emptied = asyncio.Event()  # set while no client is connected (graceful drain waits on it)
+        # Set while no client is connected: the graceful drain waits on it.
+        self.emptied = asyncio.Event()
         self.emptied.set()
         self._status: dict[str, UpstreamStatus] = {}
         self.demand: Demand | None = None

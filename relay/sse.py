@@ -50,7 +50,8 @@ class SSEParser:
         self._after_cr = False
         self._at_stream_start = True
         self._data: list[str] = []
-        self._data_size = 0  # characters in _data: endless `data:` lines must not grow memory either
+        # Characters in _data: endless `data:` lines must not grow memory either.
+        self._data_size = 0
         self._event_type = ""
         self._id_buffer = ""
         self._block_id: str | None = None
