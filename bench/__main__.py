@@ -1,0 +1,109 @@
+"""`python -m bench`: the relay and the naive sse-starlette baseline, side by side, on issue 7's load.
+
+    uv run python -m bench                                  # the whole matrix (minutes)
+    uv run python -m bench --scenario fanout-1k --quick     # 100 clients, 20 events (seconds)
+
+Prints one Markdown table (each scenario: relay, naive, and their ratio), then issue 7's targets,
+and writes everything as JSON with the servers' logs under bench/results/<time>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import uvloop
+
+from bench import report
+from bench.run import Result, measure
+from bench.scenarios import SCENARIOS, Scenario
+from bench.servers import SERVERS
+from bench.worker import raise_file_limit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--scenario",
+        action="append",
+        choices=list(SCENARIOS),
+        help="run only this scenario (repeatable; default: all, in this order)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a tenth of the clients, a fifth of the events"
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        help="directory for results.json and the logs (default: bench/results/<time>)",
+    )
+    return parser.parse_args(argv)
+
+
+async def run_matrix(scenarios: list[Scenario], output: Path) -> list[Result]:
+    secret = secrets.token_urlsafe(48)  # the servers' token key, for this run only
+    results = []
+    for scenario in scenarios:
+        for server in SERVERS:
+            print(
+                f"{scenario.name} / {server}: {scenario.clients:,} clients, "
+                f"{scenario.accounts:,} accounts, {scenario.events_per_account} events each ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            started = time.perf_counter()
+            result = await measure(scenario, server, output / f"{scenario.name}-{server}", secret)
+            print(
+                f"  done in {time.perf_counter() - started:.0f} s: "
+                f"{result.delivered:,}/{result.expected:,} delivered, {report.errors(result)} errors",
+                file=sys.stderr,
+                flush=True,
+            )
+            results.append(result)
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    names = args.scenario or list(SCENARIOS)
+    scenarios = [SCENARIOS[n].quick() if args.quick else SCENARIOS[n] for n in names]
+    output: Path = args.output or RESULTS / time.strftime("%Y%m%d-%H%M%S")
+    output.mkdir(parents=True, exist_ok=True)
+    # The servers inherit it: each of their clients is a file descriptor too.
+    raise_file_limit()
+    results = uvloop.run(run_matrix(scenarios, output))
+    command = shlex.join(
+        ["uv", "run", "python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]
+    )
+    print(f"\n{command}\n")
+    print(report.table(results))
+    problems = report.failures(results)
+    if problems:
+        print("\nErrors:\n" + "\n".join(f"  {line}" for line in problems))
+    print(
+        "\nIssue 7 targets (relay):\n" + "\n".join(f"  {line}" for line in report.targets(results))
+    )
+    machine = {
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
+    path = output / "results.json"
+    report.write_json(path, command, results, machine)
+    print(f"\nJSON and server logs: {path.parent}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Results as a Markdown table with relay/naive ratio rows, issue 7's targets, and JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.run import Result
+
+
+@dataclass(frozen=True, slots=True)
+class Measure:
+    title: str
+    value: Callable[[Result], float | None]
+    digits: int
+
+
+MEASURES = (
+    Measure("p50 ms", lambda r: r.latency_ms.p50 if r.latency_ms else None, 1),
+    Measure("p90 ms", lambda r: r.latency_ms.p90 if r.latency_ms else None, 1),
+    Measure("p99 ms", lambda r: r.latency_ms.p99 if r.latency_ms else None, 1),
+    Measure("max ms", lambda r: r.latency_ms.max if r.latency_ms else None, 1),
+    Measure("connect s", lambda r: r.connect_seconds, 2),
+    Measure("CPU s", lambda r: r.cpu_seconds, 2),
+    Measure("CPU/delivery µs", lambda r: r.cpu_per_delivery_us, 1),
+    Measure("CPU/conn µs", lambda r: r.cpu_per_connection_us, 0),
+    Measure("RSS/client KB", lambda r: r.rss_per_client_kb, 1),
+    Measure("RSS/upstream KB", lambda r: r.rss_per_upstream_kb, 1),
+    Measure("peak RSS MB", lambda r: r.peak_rss_mb, 0),
+)
+HEADER = ("scenario", "server", "clients", "delivered/expected", "lost", "dup", "errors")
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:,.{digits}f}"
+
+
+def errors(result: Result) -> int:
+    """Clients not open at the end, events of another account, and other problems."""
+    return sum(result.failures.values()) + result.foreign
+
+
+def _row(result: Result) -> list[str]:
+    return [
+        result.scenario,
+        result.server,
+        f"{result.clients:,}",
+        f"{result.delivered:,}/{result.expected:,}",
+        f"{result.lost:,}",
+        f"{result.duplicates:,}",
+        f"{errors(result):,}",
+        *(_number(m.value(result), m.digits) for m in MEASURES),
+    ]
+
+
+def _ratio(relay: Result, naive: Result) -> list[str]:
+    cells = ["", "relay/naive", "", "", "", "", ""]
+    for measure in MEASURES:
+        ours, theirs = measure.value(relay), measure.value(naive)
+        cells.append(f"{ours / theirs:.2f}x" if ours is not None and theirs else "-")
+    return cells
+
+
+def _pairs(results: list[Result]) -> Iterator[tuple[Result, Result | None]]:
+    """Each relay result with the naive result of the same scenario, if any."""
+    naive = {r.scenario: r for r in results if r.server == "naive"}
+    for result in results:
+        if result.server == "relay":
+            yield result, naive.get(result.scenario)
+
+
+def table(results: list[Result]) -> str:
+    rows = [[*HEADER, *(m.title for m in MEASURES)]]
+    for result in results:
+        rows.append(_row(result))
+        if result.server == "naive":
+            relay = next(
+                (r for r in results if r.scenario == result.scenario and r.server == "relay"), None
+            )
+            if relay is not None:
+                rows.append(_ratio(relay, result))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(cells: list[str]) -> str:
+        padded = (
+            c.ljust(w) if i < 2 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(rows[0]), rule, *(line(row) for row in rows[1:])])
+
+
+def failures(results: list[Result]) -> list[str]:
+    lines = []
+    for result in results:
+        for reason, count in sorted(result.failures.items()):
+            lines.append(f"{result.scenario} / {result.server}: {count:,} x {reason}")
+        if result.foreign:
+            lines.append(f"{result.scenario} / {result.server}: {result.foreign:,} foreign events")
+    return lines
+
+
+def _checks(relay: Result, naive: Result | None) -> Iterator[tuple[str, bool]]:
+    if naive is not None:
+        if relay.cpu_per_delivery_us and naive.cpu_per_delivery_us:
+            ratio = relay.cpu_per_delivery_us / naive.cpu_per_delivery_us
+            yield f"CPU per delivery {ratio:.2f} of naive's (at most 0.33)", ratio <= 1 / 3
+        if naive.cpu_per_connection_us:
+            ratio = relay.cpu_per_connection_us / naive.cpu_per_connection_us
+            yield f"CPU per connection {ratio:.2f} of naive's (at most 0.20)", ratio <= 1 / 5
+    yield (
+        f"RSS per client {relay.rss_per_client_kb:.1f} KB (at most 20)",
+        relay.rss_per_client_kb <= 20,
+    )
+    if relay.scenario == "fanout-1k" and relay.latency_ms is not None:
+        yield f"p99 latency {relay.latency_ms.p99:.1f} ms (under 50)", relay.latency_ms.p99 < 50
+    if relay.scenario in ("fanout-10k", "storm-10k", "accounts-1k"):
+        yield (
+            f"{relay.lost:,} lost, {relay.duplicates:,} duplicated (0 and 0)",
+            not relay.lost and not relay.duplicates,
+        )
+    if relay.scenario == "accounts-1k" and relay.rss_per_upstream_kb is not None:
+        yield (
+            f"{relay.accounts:,} upstreams held, {relay.rss_per_upstream_kb:.1f} KB each "
+            "(under 50), no errors",
+            relay.rss_per_upstream_kb < 50 and not errors(relay),
+        )
+
+
+def targets(results: list[Result]) -> list[str]:
+    return [
+        f"{'PASS' if passed else 'FAIL'}  {relay.scenario}: {text}"
+        for relay, naive in _pairs(results)
+        for text, passed in _checks(relay, naive)
+    ]
+
+
+def write_json(path: Path, command: str, results: list[Result], machine: dict[str, Any]) -> None:
+    document = {
+        "command": command,
+        "machine": machine,
+        "results": [dataclasses.asdict(r) for r in results],
+        "targets": targets(results),
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
