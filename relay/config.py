@@ -273,8 +273,6 @@ def require_serving(settings: Settings) -> None:
             "  upstream.secret_key: set it (sk_live_...), or upstream.session_url, or a static "
             "client_secret for every [[accounts]] entry"
         )
-    if not settings.broker.url.startswith("memory:"):
-        problems.append("  broker.url: only memory:// is available in this version of relay")
     if problems:
         raise ConfigError("configuration cannot serve:\n" + "\n".join(problems))
 

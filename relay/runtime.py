@@ -14,8 +14,11 @@ import structlog
 from relay.auth import TokenIssuer, TokenVerifier
 from relay.brokers.base import Broker
 from relay.brokers.memory import MemoryBroker
+from relay.brokers.redis import RedisBroker
+from relay.channel import ChannelSink
 from relay.config import Settings
 from relay.hub import Hub, Limits
+from relay.lease import leased_upstreams
 from relay.metrics import Metrics
 from relay.sessions import session_source_for
 from relay.sse import encode_comment
@@ -39,7 +42,18 @@ class Relay:
 def _broker_for(settings: Settings) -> Broker:
     if settings.broker.url.startswith("memory:"):
         return MemoryBroker(settings.replay)
-    raise NotImplementedError("the redis:// broker is not available yet")
+    return RedisBroker(settings.broker.url, settings.replay)
+
+
+@contextlib.asynccontextmanager
+async def _local_upstreams(hub: Hub, upstreams: UpstreamManager) -> AsyncIterator[UpstreamManager]:
+    """Upstreams of this process alone: the hub's demand opens them directly."""
+    hub.demand = upstreams
+    await upstreams.start()
+    try:
+        yield upstreams
+    finally:
+        await upstreams.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -61,22 +75,28 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
     # One long-lived stream per account (two while rotating): the pool must not cap them.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
-        upstreams = UpstreamManager(settings, hub, session_source_for(settings, http), http)
-        hub.demand = upstreams
-        relay = Relay(
-            settings,
-            metrics,
-            broker,
-            hub,
-            upstreams,
-            TokenVerifier(secret, ttl),
-            TokenIssuer(secret, ttl),
+
+        def upstreams_for(sink: ChannelSink) -> UpstreamManager:
+            return UpstreamManager(settings, sink, session_source_for(settings, http), http)
+
+        # With Redis, a lease per account decides which process opens its upstream.
+        running = (
+            leased_upstreams(broker.redis, hub, settings, upstreams_for)
+            if isinstance(broker, RedisBroker)
+            else _local_upstreams(hub, upstreams_for(hub))
         )
         try:
-            await upstreams.start()
-            yield relay
+            async with running as upstreams:
+                yield Relay(
+                    settings,
+                    metrics,
+                    broker,
+                    hub,
+                    upstreams,
+                    TokenVerifier(secret, ttl),
+                    TokenIssuer(secret, ttl),
+                )
         finally:
-            await upstreams.aclose()
             await broker.aclose()
 
 

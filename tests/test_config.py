@@ -130,19 +130,6 @@ def test_serving_needs_a_secret_and_a_way_to_sessions() -> None:
     require_serving(static)
 
 
-def test_serving_refuses_a_broker_it_does_not_have() -> None:
-    settings = load_settings(
-        default_file=False,
-        overrides={
-            "auth": {"secret": SECRET},
-            "upstream": {"secret_key": "sk_test_x"},
-            "broker": {"url": "redis://127.0.0.1:6379/0"},
-        },
-    )
-    with pytest.raises(ConfigError, match=r"broker\.url"):
-        require_serving(settings)
-
-
 def test_serving_refuses_the_published_placeholder_secret() -> None:
     with pytest.raises(ConfigError) as caught:
         require_serving(
