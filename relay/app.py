@@ -11,7 +11,6 @@ from typing import Any
 import structlog
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from sse_starlette.sse import AppStatus
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -25,7 +24,7 @@ from relay.channel import UpstreamState
 from relay.config import Settings
 from relay.hub import Full
 from relay.runtime import Relay, drain, open_relay
-from relay.stream import SubscriberStream
+from relay.stream import STREAM_HEADERS, SubscriberStream
 from relay.subscriber import Subscriber
 from relay.webhooks import dialstack_webhook
 
@@ -83,7 +82,7 @@ def event_filter(request: Request) -> frozenset[str] | None:
     return names
 
 
-async def events(request: Request) -> Response:
+async def events(request: Request) -> Response | SubscriberStream:
     relay = runtime(request)
     if relay.draining:
         return error(503, "the relay is shutting down; reconnect", {"Retry-After": "1"})
@@ -95,6 +94,8 @@ async def events(request: Request) -> Response:
         requested = event_filter(request)
     except ValueError as exc:
         return error(400, str(exc))
+    if request.method == "HEAD":
+        return Response(headers=STREAM_HEADERS)
     last_event_id = request.headers.get("last-event-id") or request.query_params.get(
         "last_event_id"
     )
@@ -123,7 +124,6 @@ async def events(request: Request) -> Response:
     return SubscriberStream(
         opened,
         retry_ms=relay.settings.server.client_retry_ms,
-        heartbeat_seconds=relay.settings.server.heartbeat_seconds,
         status=relay.hub.upstream_status(grant.account_id),
         on_close=closed,
     )
@@ -262,10 +262,6 @@ class RelayApp(Starlette):
 
 
 def create_app(settings: Settings) -> RelayApp:
-    # The relay ends its streams itself (RelayApp.drain); sse-starlette's process-wide watcher
-    # would guess the server from the SIGTERM handler, which is wrong with several in one process.
-    AppStatus.enable_automatic_graceful_drain = False
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         async with open_relay(settings) as relay:

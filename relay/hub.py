@@ -19,9 +19,9 @@ import structlog
 from relay.brokers.base import Broker
 from relay.channel import Incoming, UpstreamState, UpstreamStatus
 from relay.metrics import Metrics
-from relay.sse import encode_event
+from relay.sse import encode_comment, encode_event
 from relay.stored import Stored, id_key
-from relay.subscriber import Subscriber
+from relay.subscriber import CutReason, Subscriber
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +66,9 @@ class Opened:
     subscriber: Subscriber
     reset: str | None  # the Last-Event-ID that fell outside the replay window
     replay: list[Stored]
+
+
+HEARTBEAT = encode_comment("heartbeat")
 
 
 def upstream_frame(status: UpstreamStatus) -> bytes:
@@ -238,6 +241,15 @@ class Hub:
         return len(subscribers)
 
     def _cut(self, subscriber: Subscriber) -> None:
-        self._metrics.slow_disconnects.inc()
-        log.info("slow client cut", account=subscriber.account_id, reason=subscriber.cut_reason)
+        if subscriber.cut_reason is CutReason.SLOW:
+            self._metrics.slow_disconnects.inc()
+            log.info("slow client cut", account=subscriber.account_id)
         self.unsubscribe(subscriber)
+
+    async def heartbeats(self, interval: float) -> None:
+        """A comment to every client each `interval`: one loop for all, not a timer per connection."""
+        while True:
+            await asyncio.sleep(interval)
+            for account in tuple(self._accounts.values()):
+                for subscriber in tuple(account):
+                    subscriber.push(HEARTBEAT)

@@ -85,6 +85,7 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
             if isinstance(broker, RedisBroker)
             else _local_upstreams(hub, upstreams_for(hub))
         )
+        heartbeats = asyncio.create_task(hub.heartbeats(server.heartbeat_seconds))
         try:
             async with running as upstreams:
                 yield Relay(
@@ -97,6 +98,7 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
                     TokenIssuer(secret, ttl),
                 )
         finally:
+            heartbeats.cancel()
             await broker.aclose()
 
 

@@ -1,21 +1,29 @@
-"""The SSE response of one subscriber: connected, replay or reset, then live frames and heartbeats."""
+"""The SSE response of one subscriber: connected, reset or replay, then live frames until it ends.
+
+A lean ASGI response rather than a generic streaming one: live frames are written by the hub straight
+into the socket (see Subscriber.push), so this task only wakes to flush a backed-up queue or to end the
+stream, and one small watcher task notices the client going away.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from relay.channel import UpstreamStatus
 from relay.hub import Opened, reset_frame, upstream_frame
 from relay.sse import encode_event
-from relay.subscriber import Subscriber
+from relay.subscriber import CutReason, Subscriber
 
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-SEND_TIMEOUT_SECONDS = 30.0  # a socket that takes no bytes for this long is gone (vanished client)
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+_RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in STREAM_HEADERS.items()]
 
 
 def connected_frame(account_id: str, retry_ms: int) -> bytes:
@@ -23,34 +31,21 @@ def connected_frame(account_id: str, retry_ms: int) -> bytes:
     return encode_event(json.dumps(payload), event="connected", retry_ms=retry_ms)
 
 
-async def _frames(
-    opened: Opened,
-    first: bytes,
-) -> AsyncIterator[bytes]:
-    subscriber = opened.subscriber
-    yield first + b"".join(event.frame for event in opened.replay)
-    while True:
-        if subscriber.frames:
-            yield subscriber.take()
-        elif subscriber.cut_reason is not None:
-            return
-        else:
-            await subscriber.wakeup.wait()
+def _body(chunk: bytes, more: bool = True) -> dict[str, object]:
+    return {"type": "http.response.body", "body": chunk, "more_body": more}
 
 
-class SubscriberStream(EventSourceResponse):
-    """sse-starlette's response, also torn down when the hub cuts the subscriber.
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
-    A slow client may be blocked inside a write when its queue overflows; reporting the cut as a
-    client disconnect makes sse-starlette cancel that write and end the response.
-    """
 
+class SubscriberStream:
     def __init__(
         self,
         opened: Opened,
         *,
         retry_ms: int,
-        heartbeat_seconds: float,
         status: UpstreamStatus | None,
         on_close: Callable[[Subscriber], None],
     ) -> None:
@@ -60,34 +55,45 @@ class SubscriberStream(EventSourceResponse):
             first += reset_frame(opened.reset)
         if status is not None:
             first += upstream_frame(status)
-        super().__init__(
-            _frames(opened, first),
-            headers=STREAM_HEADERS,
-            ping=heartbeat_seconds,
-            sep="\n",
-            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep="\n"),
-            send_timeout=SEND_TIMEOUT_SECONDS,
-        )
+        self._first = first + b"".join(event.frame for event in opened.replay)
         self._subscriber = subscriber
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        gone = self._subscriber.gone
-
-        async def receive_or_cut() -> Message:
-            receiving = asyncio.ensure_future(receive())
-            cut = asyncio.ensure_future(gone.wait())
-            try:
-                await asyncio.wait((receiving, cut), return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                cut.cancel()
-                if not receiving.done():
-                    receiving.cancel()
-            if receiving.done() and not receiving.cancelled():
-                return receiving.result()
-            return {"type": "http.disconnect"}
-
+        subscriber = self._subscriber
+        watcher: asyncio.Task[None] | None = None
         try:
-            await super().__call__(scope, receive_or_cut, send)
+            await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
+            await send(_body(self._first))
+            watcher = asyncio.create_task(_until_disconnect(receive))
+            watcher.add_done_callback(lambda _: subscriber.cut(CutReason.CLOSED))
+            subscriber.attach(send)
+            await self._flush_until_end(send)
         finally:
-            self._on_close(self._subscriber)
+            if watcher is not None:
+                watcher.cancel()
+            self._on_close(subscriber)
+
+    async def _flush_until_end(self, send: Send) -> None:
+        subscriber = self._subscriber
+        try:
+            while True:
+                await subscriber.wakeup.wait()
+                subscriber.wakeup.clear()
+                while subscriber.frames and subscriber.cut_reason is not CutReason.CLOSED:
+                    await send(_body(subscriber.take()))
+                if subscriber.cut_reason is CutReason.SHUTDOWN:
+                    await send(_body(b"", more=False))
+                    return
+                if subscriber.cut_reason is not None:
+                    return
+                subscriber.blocked = False
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if (
+                subscriber.cut_reason is CutReason.SLOW
+                and task is not None
+                and task.uncancel() == 0
+            ):
+                return  # cut while its socket was backed up: leave; uvicorn closes the connection
+            raise

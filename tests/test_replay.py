@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from starlette.types import Message
+
 from relay.replay import ReplayBuffer
 from relay.stored import Stored, id_key, user_of
 from relay.subscriber import CutReason, Subscriber
@@ -99,7 +103,7 @@ def test_slow_subscriber_is_cut_with_bounded_memory() -> None:
         sub.push(frame)
     assert sub.cut_reason is CutReason.SLOW
     assert cut == [sub]
-    assert sub.gone.is_set()
+    assert sub.wakeup.is_set()  # its response task wakes to end the stream
     assert not sub.frames
 
 
@@ -116,3 +120,36 @@ def test_filters_by_type_and_user() -> None:
     assert sub.wants(Stored.create("1-3", "call.incoming", "{}"))
     assert not sub.wants(Stored.create("1-4", "call.incoming", '{"user_id": "u2"}'))
     assert not sub.wants(Stored.create("1-5", "call.end", '{"user_id": "u1"}'))
+
+
+class FakeSocket:
+    """An ASGI `send` like uvicorn's: writes at once unless paused, then waits for the drain."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.writable = asyncio.Event()
+        self.writable.set()
+
+    async def send(self, message: Message) -> None:
+        if not self.writable.is_set():
+            await self.writable.wait()
+        self.written.append(message["body"])
+
+
+async def test_frames_go_straight_to_a_writable_socket_and_queue_when_it_pushes_back() -> None:
+    socket = FakeSocket()
+    sub, cut = subscriber(capacity=2)
+    sub.attach(socket.send)
+    sub.task = None  # no response task here to cancel when the client is cut
+    sub.push(b"a")
+    assert socket.written == [b"a"]
+    assert not sub.frames  # written on the spot: no queue, no task wake-up
+    socket.writable.clear()
+    sub.push(b"b")
+    sub.push(b"c")
+    assert socket.written == [b"a"]  # the suspended send wrote nothing
+    assert list(sub.frames) == [b"b", b"c"]
+    assert sub.blocked
+    sub.push(b"d")
+    assert sub.cut_reason is CutReason.SLOW
+    assert cut == [sub]
