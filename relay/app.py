@@ -12,17 +12,20 @@ import structlog
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.datastructures import State
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from relay.auth import COOKIE_NAME, Grant, InvalidToken, admin_key_matches
 from relay.channel import UpstreamState
 from relay.config import Settings
 from relay.hub import Full
+from relay.lease import held_elsewhere
 from relay.runtime import Relay, drain, open_relay
 from relay.stream import STREAM_HEADERS, SubscriberStream
 from relay.subscriber import Subscriber
@@ -30,7 +33,8 @@ from relay.webhooks import dialstack_webhook
 
 log = structlog.get_logger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
-_MAX_EVENT_FILTER = 64  # event types a client may list in ?events=
+_MAX_EVENT_FILTER = 64
+EVENTS_PATH = "/v1/events"  # event types a client may list in ?events=
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -190,17 +194,26 @@ async def status(request: Request) -> Response:
     accounts = []
     for account_id in sorted(set(upstreams) | set(hub.accounts())):
         upstream = upstreams.get(account_id)
-        accounts.append(
-            {
-                "account_id": account_id,
-                "upstream": upstream.state.value if upstream else UpstreamState.IDLE.value,
-                "since": upstream.since if upstream else None,
-                "reconnects": upstream.reconnects if upstream else 0,
-                "events_relayed": upstream.events if upstream else 0,
-                "clients": hub.clients(account_id),
-                "detail": upstream.detail if upstream and upstream.detail else None,
+        entry: dict[str, Any] = {
+            "account_id": account_id,
+            "upstream": upstream.state.value if upstream else UpstreamState.IDLE.value,
+            "since": upstream.since if upstream else None,
+            "reconnects": upstream.reconnects if upstream else 0,
+            "events_relayed": upstream.events if upstream else 0,
+            "clients": hub.clients(account_id),
+            "detail": upstream.detail if upstream and upstream.detail else None,
+        }
+        shown = hub.upstream_status(account_id)
+        if shown is not None and held_elsewhere(upstream, shown):
+            # Another instance holds the lease (Redis broker): the state it reports.
+            entry |= {
+                "upstream": "remote",
+                "holder_state": shown.state.value,
+                "since": shown.since,
+                "reconnects": shown.reconnects,
+                "detail": shown.detail or None,
             }
-        )
+        accounts.append(entry)
     return JSONResponse({"clients": hub.clients(), "accounts": accounts})
 
 
@@ -220,8 +233,13 @@ async def readyz(request: Request) -> Response:
 async def metrics(request: Request) -> Response:
     relay = runtime(request)
     relay.metrics.upstreams.clear()
-    for upstream in relay.upstreams.status():
-        relay.metrics.upstreams.labels(upstream.state.value).inc()
+    upstreams = {s.account_id: s for s in relay.upstreams.status()}
+    for account_id in set(upstreams) | set(relay.hub.accounts()):
+        upstream = upstreams.get(account_id)
+        if held_elsewhere(upstream, relay.hub.upstream_status(account_id)):
+            relay.metrics.upstreams.labels("remote").inc()
+        elif upstream is not None:
+            relay.metrics.upstreams.labels(upstream.state.value).inc()
     return Response(generate_latest(relay.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -253,10 +271,43 @@ def _cors(settings: Settings) -> list[Middleware]:
     ]
 
 
-class RelayApp(Starlette):
+async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    request = Request(scope, receive)
+    if request.method in ("GET", "HEAD"):
+        response: ASGIApp = await events(request)
+    else:
+        response = error(405, "use GET", {"Allow": "GET, HEAD"})
+    await response(scope, receive, send)
+
+
+class RelayApp:
+    """The Starlette app, except for `/v1/events`, which skips Starlette's routing and middleware.
+
+    A stream is opened once but written to for every event of its account: the middleware's
+    `send` wrappers would cost every delivery, and its routing every (re)connection. The stream
+    gets the same CORS rules as the rest.
+    """
+
+    def __init__(self, app: Starlette, settings: Settings) -> None:
+        self.app = app
+        self._events: ASGIApp = events_endpoint
+        for middleware in reversed(_cors(settings)):
+            self._events = middleware.cls(self._events, *middleware.args, **middleware.kwargs)
+
+    @property
+    def state(self) -> State:
+        return self.app.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] == EVENTS_PATH:
+            scope["app"] = self.app  # what Request.app reads
+            await self._events(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
     async def drain(self) -> None:
         """Graceful shutdown: /readyz turns 503, every client gets a jittered `retry:` and a clean close."""
-        relay: Relay | None = getattr(self.state, "relay", None)
+        relay: Relay | None = getattr(self.app.state, "relay", None)
         if relay is not None:
             await drain(relay)
 
@@ -269,7 +320,6 @@ def create_app(settings: Settings) -> RelayApp:
             yield
 
     routes = [
-        Route("/v1/events", events, methods=["GET"]),
         Route("/v1/tokens", tokens, methods=["POST"]),
         Route("/v1/status", status, methods=["GET"]),
         Route("/v1/webhooks/dialstack", dialstack_webhook, methods=["POST"]),
@@ -279,4 +329,6 @@ def create_app(settings: Settings) -> RelayApp:
         Route("/", board, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return RelayApp(routes=routes, middleware=_cors(settings), lifespan=lifespan)
+    return RelayApp(
+        Starlette(routes=routes, middleware=_cors(settings), lifespan=lifespan), settings
+    )

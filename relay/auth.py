@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -54,11 +55,33 @@ def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
 
 
 class TokenVerifier:
-    def __init__(self, secret: str, max_ttl_seconds: int) -> None:
+    """Checks tokens; a token seen recently is not checked again until it expires.
+
+    A reconnecting fleet presents the same tokens again, and a signature check costs tens of
+    microseconds; the memory is bounded and holds only tokens that verified.
+    """
+
+    def __init__(self, secret: str, max_ttl_seconds: int, remembered: int = 10_000) -> None:
         self._secret = secret
         self._max_ttl = max_ttl_seconds
+        self._remembered = remembered
+        self._verified: OrderedDict[str, Grant] = OrderedDict()
 
     def verify(self, token: str) -> Grant:
+        grant = self._verified.get(token)
+        if grant is not None:
+            if grant.expires_at > time.time():
+                self._verified.move_to_end(token)
+                return grant
+            del self._verified[token]
+            raise InvalidToken("token expired")
+        grant = self._check(token)
+        self._verified[token] = grant
+        if len(self._verified) > self._remembered:
+            self._verified.popitem(last=False)
+        return grant
+
+    def _check(self, token: str) -> Grant:
         if len(token) > _MAX_TOKEN_CHARS:
             raise InvalidToken("token too large")
         try:

@@ -102,3 +102,21 @@ def test_admin_key_check() -> None:
     assert not admin_key_matches("a" * 40, "b" * 40)
     assert not admin_key_matches(None, "anything")
     assert not admin_key_matches("a" * 40, None)
+
+
+def test_a_remembered_token_still_expires() -> None:
+    short = TokenVerifier(SECRET, max_ttl_seconds=3600)
+    token, _ = issuer.issue("acct_1", 600)
+    assert short.verify(token) == short.verify(token)  # the second answer comes from memory
+    short._verified[token] = Grant("acct_1", int(time.time()) - 1)  # as if its exp had passed
+    with pytest.raises(InvalidToken, match="expired"):
+        short.verify(token)
+    with pytest.raises(InvalidToken, match="expired"):
+        short.verify(signed({"account_id": "acct_1", "exp": int(time.time()) - 1}))
+
+
+def test_remembered_tokens_are_bounded() -> None:
+    small = TokenVerifier(SECRET, max_ttl_seconds=3600, remembered=3)
+    for n in range(5):
+        small.verify(issuer.issue("acct_1", 600, subject=f"s{n}")[0])
+    assert len(small._verified) == 3
