@@ -129,6 +129,8 @@ class ReplaySettings(_Section):
 
 class BrokerSettings(_Section):
     url: str = "memory://"
+    # Redis only: an instance that dies has its upstreams taken over within this.
+    lease_seconds: float = Field(default=10.0, gt=0)
 
     @field_validator("url")
     @classmethod

@@ -3,10 +3,15 @@
 With the Redis broker, the hub's `Demand` is `UpstreamLeases`, not the `UpstreamManager`. While
 an account is wanted here (local subscribers, or `always_on`), this process contends for
 `relay:{acct}:lease` (SET NX PX, the process's token as value); the holder renews it every third
-of the lease time and is the only one to open the account's upstream. Another process takes over
-when the holder stops renewing: it died, or it let go (compare-and-delete) after its subscribers
-left and `linger_seconds` passed. The holder keeps the newest upstream event id beside the lease
-(`relay:{acct}:upstream`) so the next holder knows where the stream stopped.
+of the lease time (`broker.lease_seconds`) and is the only one to open the account's upstream.
+Another process takes over when the holder stops renewing: it died, or it let go
+(compare-and-delete) after its subscribers left and `linger_seconds` passed. A holder that finds
+its lease taken closes its upstream at once.
+
+The holder writes the newest upstream event id beside the lease (`relay:{acct}:upstream`) as events
+arrive, once Redis has the event, and the next holder's upstream resumes from it with
+`Last-Event-ID`: so events DialStack sent while no process held the upstream are relayed after
+the takeover, as far as DialStack replays them.
 
 While Redis is unreachable the holder keeps its upstream (the broker queues its events), since an
 outage that every process sees leaves no one else to take over. The price is a network partition
@@ -38,7 +43,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from relay.backoff import Backoff
-from relay.brokers.redis import COMMAND_TIMEOUT_SECONDS, UNREACHABLE
+from relay.brokers.redis import COMMAND_TIMEOUT_SECONDS, UNREACHABLE, seen_key
 from relay.channel import ChannelSink, Incoming, UpstreamState, UpstreamStatus
 from relay.config import Settings
 from relay.hub import Hub
@@ -46,12 +51,12 @@ from relay.upstream import UpstreamManager
 
 log = structlog.get_logger(__name__)
 
-LEASE_SECONDS = 10.0  # a dead holder's accounts are taken over within this
 CHANNEL = "relay:upstream"  # holders publish each state change of their upstreams here
 KEEP_UPSTREAM_MS = 24 * 3600 * 1000  # the newest upstream id outlives the lease by this
 PING_SECONDS = 1.0  # the state subscription pings Redis this often ...
 SILENT_SECONDS = 3.0  # ... and counts a link that answers nothing for this long as broken
 RELEASE_TIMEOUT_SECONDS = 2.0
+SHARE_RETRY_MAX_SECONDS = 1.0  # a state or id Redis could not take is written again this soon
 _TAKEN_BACK = 2  # what _RENEW answers when the lease was gone and is this process's again
 
 # KEYS: lease, upstream. ARGV: token, lease ms.
@@ -63,7 +68,7 @@ end
 return {0, redis.call('PTTL', KEYS[1])}
 """
 
-# KEYS: lease, upstream. ARGV: token, lease ms, newest upstream id ('' if none), keep ms.
+# KEYS: lease, upstream. ARGV: token, lease ms, keep ms.
 # A missing lease is taken back: Redis lost it (a restart) or it lapsed while the holder could not
 # reach Redis, and nobody took it meanwhile. Returns 1 when renewed, 2 when taken back, 0 when
 # another process holds it.
@@ -73,40 +78,68 @@ if holder and holder ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[2], 'last_event_id', ARGV[3])
-end
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 if holder then
   return 1
 end
 return 2
 """
 
-# KEYS: lease, upstream. ARGV: token, newest upstream id ('' if none), keep ms.
-_RELEASE = """
+# An upstream id is kept as the one to resume from only once the broker has appended its event
+# (its id is in the seen set): an event still queued in a holder during an outage is not in Redis,
+# so resuming after it could lose it. Returns false when the event is not there yet.
+_RESUME_FROM = """
+local function resume_from(upstream, seen, id)
+  if id == '' then
+    return true
+  end
+  if not redis.call('ZSCORE', seen, id) then
+    return false
+  end
+  redis.call('HSET', upstream, 'last_event_id', id)
+  return true
+end
+"""
+
+# KEYS: lease, upstream, seen. ARGV: token, newest upstream id ('' if none), keep ms.
+_RELEASE = (
+    _RESUME_FROM
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('DEL', KEYS[1])
 redis.call('HDEL', KEYS[2], 'status')
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[2], 'last_event_id', ARGV[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
-end
+resume_from(KEYS[2], KEYS[3], ARGV[2])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
 return 1
 """
+)
 
-# KEYS: lease, upstream. ARGV: token, state (JSON), channel, keep ms. Only the holder's counts.
-_SHARE = """
+_SHARED = 1
+_ID_NOT_IN_REDIS_YET = 2
+
+# KEYS: lease, upstream, seen. ARGV: token, state (JSON, '' if unchanged), channel, keep ms, newest
+# upstream id ('' if unchanged). Only the holder's counts. Returns 0 when this process is not the
+# holder, 1 when written, 2 when written but for the id, whose event is not in Redis yet.
+_SHARE = (
+    _RESUME_FROM
+    + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
-redis.call('HSET', KEYS[2], 'status', ARGV[2])
+if ARGV[2] ~= '' then
+  redis.call('HSET', KEYS[2], 'status', ARGV[2])
+  redis.call('PUBLISH', ARGV[3], ARGV[2])
+end
+local written = resume_from(KEYS[2], KEYS[3], ARGV[5])
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', ARGV[3], ARGV[2])
-return 1
+if written then
+  return 1
+end
+return 2
 """
+)
 
 
 def lease_key(account_id: str) -> str:
@@ -134,12 +167,25 @@ def decode_status(text: str) -> UpstreamStatus | None:
         return None
 
 
+def held_elsewhere(local: UpstreamStatus | None, shown: UpstreamStatus | None) -> bool:
+    """Whether the account's upstream runs in another process, as far as this one can tell.
+
+    `local` is this process's upstream of the account, `shown` what the hub shows its
+    subscribers here: with the Redis broker, the lease holder's state (idle once they are gone).
+    """
+    return (local is None or local.state is UpstreamState.IDLE) and (
+        shown is not None and shown.state is not UpstreamState.IDLE
+    )
+
+
 class Upstreams(Protocol):
     """What the leases use of the `UpstreamManager`."""
 
-    def acquire(self, account_id: str) -> None: ...
+    def acquire(self, account_id: str, *, last_event_id: str = "") -> None: ...
 
     def release(self, account_id: str) -> None: ...
+
+    def drop(self, account_id: str) -> None: ...
 
     def status_of(self, account_id: str) -> UpstreamStatus | None: ...
 
@@ -161,6 +207,7 @@ class UpstreamStates:
         self._owned: set[str] = set()  # accounts whose lease this process holds
         self._local: dict[str, UpstreamStatus] = {}  # newest state of each upstream of this process
         self._resume: dict[str, str] = {}  # newest upstream event id from this process's upstream
+        self._unwritten: dict[str, str] = {}  # held accounts' newest ids not yet beside the lease
         self._heard: dict[str, int] = {}  # shared states received per account (orders fetches)
         self._unshared: dict[str, UpstreamStatus] = {}  # held accounts' states not yet in Redis
         self._share_wanted = asyncio.Event()
@@ -184,9 +231,13 @@ class UpstreamStates:
     # -- ChannelSink (this process's upstreams) ------------------------------------------------
 
     async def publish(self, account_id: str, event: Incoming) -> bool:
+        published = await self._hub.publish(account_id, event)
         if event.upstream_id is not None and account_id in self._owned:
-            self._resume[account_id] = event.upstream_id
-        return await self._hub.publish(account_id, event)
+            # Written at once (not with the renewals): the less it lags, the less DialStack has
+            # to replay to the next holder after a crash.
+            self._resume[account_id] = self._unwritten[account_id] = event.upstream_id
+            self._share_wanted.set()
+        return published
 
     def upstream_changed(self, status: UpstreamStatus) -> None:
         self._local[status.account_id] = status
@@ -216,6 +267,11 @@ class UpstreamStates:
 
     def unfollow(self, account_id: str) -> None:
         self._followed.discard(account_id)
+        if account_id not in self._owned:
+            # The holder's states are no longer followed: what the hub shows would go stale.
+            self._hub.upstream_changed(
+                UpstreamStatus(account_id, UpstreamState.IDLE, time.time(), 0, 0)
+            )
 
     def own(self, account_id: str, status: UpstreamStatus | None) -> None:
         """This process holds the lease; `status` is its upstream's state now."""
@@ -226,6 +282,7 @@ class UpstreamStates:
     def disown(self, account_id: str) -> None:
         self._owned.discard(account_id)
         self._unshared.pop(account_id, None)
+        self._unwritten.pop(account_id, None)
         self._resume.pop(account_id, None)
         if account_id in self._followed and self._reachable:
             self._spawn(self._fetch(account_id), f"upstream state of {account_id}")
@@ -273,7 +330,9 @@ class UpstreamStates:
         loop = asyncio.get_running_loop()
         heard_at = pinged_at = loop.time()
         while True:
-            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=PING_SECONDS)
+            # Not ignore_subscribe_messages: redis-py (8.1, decoding replies) takes the answer to
+            # a ping for one of those and would drop it, leaving the link silent.
+            message = await pubsub.get_message(timeout=PING_SECONDS)
             now = loop.time()
             if message is not None:
                 heard_at = now
@@ -323,36 +382,50 @@ class UpstreamStates:
                 self._spawn(self._fetch(account_id), f"upstream state of {account_id}")
 
     async def _write(self) -> None:
-        """Write the held accounts' newest states to Redis, in order, one account at a time."""
-        backoff = Backoff(0.1, LEASE_SECONDS / 3)
+        """Write the held accounts' newest states and upstream ids to Redis, one at a time."""
+        backoff = Backoff(0.1, SHARE_RETRY_MAX_SECONDS)
         while True:
             await self._share_wanted.wait()
             self._share_wanted.clear()
-            for account_id, status in list(self._unshared.items()):
-                if self._unshared.get(account_id) is not status:
-                    continue  # a newer state came meanwhile; it is next
-                try:
-                    async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
-                        shared = await self._share_script(
-                            keys=[lease_key(account_id), upstream_key(account_id)],
-                            args=[self._token, encode_status(status), CHANNEL, KEEP_UPSTREAM_MS],
-                        )
-                except UNREACHABLE:
-                    shared = 0
-                except Exception:  # retried like an outage, but said
-                    log.error("upstream state not shared", account=account_id, exc_info=True)
-                    shared = 0
-                if shared or account_id not in self._owned:
-                    if self._unshared.get(account_id) is status:
-                        del self._unshared[account_id]
+            for account_id in list(self._unshared.keys() | self._unwritten.keys()):
+                status = self._unshared.get(account_id)
+                resume = self._unwritten.get(account_id, "")
+                written = await self._share(account_id, status, resume)
+                if not written and account_id in self._owned:
+                    continue  # Redis is down, or the lease is being taken back: retried below
+                # Unless a newer one came meanwhile, which is next.
+                if status is not None and self._unshared.get(account_id) is status:
+                    del self._unshared[account_id]
+                if written != _ID_NOT_IN_REDIS_YET and self._unwritten.get(account_id) == resume:
+                    del self._unwritten[account_id]
+                if written == _SHARED:
                     backoff.reset()
-            if self._unshared:
-                # Redis is down, or the lease is being taken back after Redis lost it: retry
-                # later, or as soon as there is news.
+            if self._unshared or self._unwritten:
+                # Retry later, or as soon as there is news.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(backoff.next_delay()):
                         await self._share_wanted.wait()
                 self._share_wanted.set()
+
+    async def _share(self, account_id: str, status: UpstreamStatus | None, resume: str) -> int:
+        try:
+            async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
+                written: int = await self._share_script(
+                    keys=[lease_key(account_id), upstream_key(account_id), seen_key(account_id)],
+                    args=[
+                        self._token,
+                        encode_status(status) if status is not None else "",
+                        CHANNEL,
+                        KEEP_UPSTREAM_MS,
+                        resume,
+                    ],
+                )
+        except UNREACHABLE:
+            return 0
+        except Exception:  # retried like an outage, but said
+            log.error("upstream state not shared", account=account_id, exc_info=True)
+            return 0
+        return written
 
 
 @dataclass(eq=False)
@@ -363,6 +436,7 @@ class _Lease:
     held: bool = False  # this process holds the lease, as far as it knows
     counted: bool = False  # acquired from the UpstreamManager and not released
     unwanted_at: float | None = None  # loop time the demand dropped to 0
+    resume_from: str = ""  # the previous holder's newest upstream id, until the upstream opens
     woken: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
@@ -376,15 +450,13 @@ class UpstreamLeases:
         states: UpstreamStates,
         settings: Settings,
         token: str,
-        *,
-        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
         self._upstreams = upstreams
         self._states = states
         self._settings = settings
         self._token = token
-        self._lease_seconds = lease_seconds
-        self._renew_every = lease_seconds / 3
+        self._lease_seconds = settings.broker.lease_seconds
+        self._renew_every = self._lease_seconds / 3
         self._linger = settings.upstream.linger_seconds
         self._claim = redis.register_script(_CLAIM)
         self._renew = redis.register_script(_RENEW)
@@ -457,7 +529,8 @@ class UpstreamLeases:
         """Counted in the manager exactly while the lease is held and the account wanted here."""
         if lease.held and lease.wanted > 0 and not lease.counted:
             lease.counted = True
-            self._upstreams.acquire(account_id)
+            self._upstreams.acquire(account_id, last_event_id=lease.resume_from)
+            lease.resume_from = ""  # from here on, this process's upstream knows better
             self._states.own(account_id, self._upstreams.status_of(account_id))
         elif lease.counted and not (lease.held and lease.wanted > 0):
             lease.counted = False
@@ -513,10 +586,8 @@ class UpstreamLeases:
         """Renew or claim once; returns the seconds until the next step."""
         keys = [lease_key(account_id), upstream_key(account_id)]
         if lease.held:
-            resume = self._states.resume_id(account_id)
             renewed = await self._renew(
-                keys=keys,
-                args=[self._token, int(self._lease_seconds * 1000), resume, KEEP_UPSTREAM_MS],
+                keys=keys, args=[self._token, int(self._lease_seconds * 1000), KEEP_UPSTREAM_MS]
             )
             if not renewed:
                 self._lost(account_id, lease)
@@ -532,29 +603,32 @@ class UpstreamLeases:
         if not claimed:
             # Try again as the holder's lease would run out, were it to stop renewing it.
             return min(max(int(value), 10) / 1000, self._renew_every)
-        lease.held = True
+        lease.held, lease.resume_from = True, value
         log.info("upstream lease taken", account=account_id, resume_from=value or None)
         self._settle(account_id, lease)
         return self._renew_every
 
     def _lost(self, account_id: str, lease: _Lease) -> None:
         log.warning("upstream lease lost to another process", account=account_id)
-        lease.held = False
+        self._close_upstream(account_id, lease)
+
+    def _close_upstream(self, account_id: str, lease: _Lease) -> None:
+        """No longer the holder: the upstream closes now, not after `linger_seconds`, since
+        another process may be opening its own."""
+        lease.held = lease.counted = False
+        self._upstreams.drop(account_id)
         self._states.disown(account_id)
-        self._settle(account_id, lease)
 
     async def _let_go(self, account_id: str, lease: _Lease) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._letting_go[account_id] = task
         resume = self._states.resume_id(account_id)
-        lease.held = False
-        self._settle(account_id, lease)
-        self._states.disown(account_id)
+        self._close_upstream(account_id, lease)
         try:
             async with asyncio.timeout(RELEASE_TIMEOUT_SECONDS):
                 await self._release(
-                    keys=[lease_key(account_id), upstream_key(account_id)],
+                    keys=[lease_key(account_id), upstream_key(account_id), seen_key(account_id)],
                     args=[self._token, resume, KEEP_UPSTREAM_MS],
                 )
         except (TimeoutError, *UNREACHABLE) as exc:

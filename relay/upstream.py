@@ -1,7 +1,9 @@
 """One resilient upstream `/v1/events` connection per account, shared by all its subscribers.
 
 `UpstreamManager` counts subscribers per account and keeps one `AccountUpstream` running while
-there are any (plus `linger_seconds`, so a page reload does not reconnect upstream).
+there are any (plus `linger_seconds`, so a page reload does not reconnect upstream). With the
+Redis broker its subscribers are the leases (`relay.lease`): they start an upstream with the id
+where the previous holder's stopped, and drop it at once when the lease goes elsewhere.
 
 An `AccountUpstream` is a small actor: reader tasks only fetch a session, connect, parse and put
 what they read into the account's inbox; the actor task alone decides, forwards to the sink and
@@ -183,7 +185,9 @@ class AccountUpstream:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, resume_from: str = "") -> None:
+        """Connect unless connected; a connection started now sends `Last-Event-ID: resume_from`
+        (when given) rather than the newest id it received itself."""
         if self._task is not None:
             return
         # Subscribers are back after a pause: earlier failures say little about now.
@@ -192,7 +196,8 @@ class AccountUpstream:
         self._set_state(UpstreamState.CONNECTING)
         # A connection being stopped is waited for first, so two never overlap.
         self._task = asyncio.create_task(
-            self._run(after=self._stopping), name=f"upstream {self.account_id}"
+            self._run(after=self._stopping, resume_from=resume_from),
+            name=f"upstream {self.account_id}",
         )
 
     def stop(self) -> None:
@@ -222,9 +227,12 @@ class AccountUpstream:
 
     # -- the actor -----------------------------------------------------------------------------
 
-    async def _run(self, after: asyncio.Task[None] | None) -> None:
+    async def _run(self, after: asyncio.Task[None] | None, resume_from: str) -> None:
         if after is not None:
             await asyncio.wait([after])
+        if resume_from:
+            # Set only now: the stopped connection leaves its own id behind as it closes.
+            self._last_event_id = resume_from
         try:
             while True:
                 stream: _Stream | None = None
@@ -547,14 +555,14 @@ class UpstreamManager:
             if account.always_on:
                 self.acquire(account.id)
 
-    def acquire(self, account_id: str) -> None:
+    def acquire(self, account_id: str, *, last_event_id: str = "") -> None:
+        """One more subscriber. `last_event_id` is where another process's upstream of the account
+        stopped: if this acquire opens the connection, it resumes from there."""
         if self._closed:
             return
         self._subscribers[account_id] += 1
-        lingering = self._lingering.pop(account_id, None)
-        if lingering is not None:
-            lingering.cancel()
-        self._upstream(account_id).start()
+        self._stop_lingering(account_id)
+        self._upstream(account_id).start(last_event_id)
 
     def release(self, account_id: str) -> None:
         if self._subscribers[account_id] <= 0:
@@ -567,6 +575,14 @@ class UpstreamManager:
             self._lingering[account_id] = loop.call_later(
                 self._settings.upstream.linger_seconds, self._expire, account_id
             )
+
+    def drop(self, account_id: str) -> None:
+        """Forget the account's subscribers and stop its upstream now, without lingering."""
+        self._subscribers.pop(account_id, None)
+        self._stop_lingering(account_id)
+        upstream = self._upstreams.get(account_id)
+        if upstream is not None:
+            upstream.stop()
 
     def status(self) -> list[UpstreamStatus]:
         return [self._upstreams[a].status() for a in sorted(self._upstreams)]
@@ -597,6 +613,11 @@ class UpstreamManager:
             )
             self._upstreams[account_id] = upstream
         return upstream
+
+    def _stop_lingering(self, account_id: str) -> None:
+        lingering = self._lingering.pop(account_id, None)
+        if lingering is not None:
+            lingering.cancel()
 
     def _expire(self, account_id: str) -> None:
         del self._lingering[account_id]

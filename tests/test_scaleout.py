@@ -2,7 +2,8 @@
 
 The relays are real `python -m relay serve` processes; the DialStack simulator runs in the test's
 event loop and is driven with `inject`; Redis is a throwaway redis-server the tests stop and start.
-The lease tests at the end run `UpstreamLeases` in-process with a short lease time.
+The relays run with a 3 s lease, so that a takeover is quick and the simulator's replay history
+(100 events) covers what it sends meanwhile. The lease itself is tested in-process in test_lease.py.
 """
 
 from __future__ import annotations
@@ -25,18 +26,15 @@ from redis_server import RedisServer, free_port, redis_server
 from streams import Stream, open_stream
 
 from relay.auth import TokenIssuer
-from relay.brokers.memory import MemoryBroker
 from relay.brokers.redis import connect
-from relay.channel import UpstreamState, UpstreamStatus
-from relay.config import ReplaySettings, Settings
-from relay.hub import Hub, Limits
-from relay.lease import LEASE_SECONDS, UpstreamLeases, UpstreamStates, lease_key, process_token
-from relay.metrics import Metrics
+from relay.lease import lease_key
 from relay.simulator import SentEvent, Simulator
 from relay.sse import Event
 
 ACCT = "acct_scale"
 SECRET = secrets.token_urlsafe(48)
+ADMIN_KEY = secrets.token_urlsafe(32)
+LEASE_SECONDS = 3.0
 START_SECONDS = 20.0  # a relay process answers /readyz within this
 DEADLINE = 10.0
 
@@ -98,6 +96,9 @@ backoff_max_seconds = 1
 [replay]
 max_events = 1000
 max_age_seconds = 600
+
+[broker]
+lease_seconds = {LEASE_SECONDS}
 """
     )
 
@@ -112,6 +113,7 @@ async def relay_processes(
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("RELAY_")},
         "RELAY_AUTH__SECRET": SECRET,
+        "RELAY_AUTH__ADMIN_KEY": ADMIN_KEY,
         "RELAY_UPSTREAM__SECRET_KEY": "sk_test_simulator",
         "RELAY_BROKER__URL": redis.url,
     }
@@ -250,6 +252,31 @@ async def wait_all(streams: list[Stream], predicate: Predicate, timeout: float =
     await asyncio.gather(*(s.wait_for(predicate, timeout) for s in streams))
 
 
+async def upstream_shown(
+    http: httpx.AsyncClient, relays: list[RelayProcess], account_id: str
+) -> list[str]:
+    """What each relay's /v1/status says of the account's upstream, once each knows it is up."""
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+    async def shown(relay: RelayProcess) -> str:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                status = (await http.get(f"{relay.url}/v1/status", headers=headers)).json()
+                (entry,) = [a for a in status["accounts"] if a["account_id"] == account_id]
+                if "connected" in (entry["upstream"], entry.get("holder_state")):
+                    return ":".join(filter(None, (entry["upstream"], entry.get("holder_state"))))
+                await asyncio.sleep(0.05)
+
+    return list(await asyncio.gather(*(shown(relay) for relay in relays)))
+
+
+def upstreams_metric(text: str, state: str) -> float:
+    prefix = f'relay_upstreams{{state="{state}"}} '
+    return sum(
+        float(line.removeprefix(prefix)) for line in text.splitlines() if line.startswith(prefix)
+    )
+
+
 # -- acceptance ------------------------------------------------------------------------------------
 
 
@@ -283,6 +310,13 @@ async def test_three_relays_thirty_clients_five_accounts_five_upstreams_every_ev
 
         assert [sim.open_streams(a) for a in accounts] == [1] * 5
         assert [sim.streams_opened(a) for a in accounts] == [1] * 5
+        # Each account's upstream runs in one relay; the others show the state it reports.
+        for account_id in accounts:
+            shown = await upstream_shown(http, relays, account_id)
+            assert sorted(shown) == ["connected", "remote:connected", "remote:connected"]
+        for relay in relays:
+            metrics = (await http.get(f"{relay.url}/metrics")).text
+            assert upstreams_metric(metrics, "connected") + upstreams_metric(metrics, "remote") == 5
         for account_id, streams in clients.items():
             sent = sim.sent_log(account_id)
             for stream in streams:
@@ -294,11 +328,11 @@ async def test_three_relays_thirty_clients_five_accounts_five_upstreams_every_ev
                 assert numbers(calls(stream))[-rounds:] == list(range(rounds))
 
 
-async def test_killing_the_upstream_holder_hands_the_upstream_over_within_the_lease_time(
+async def test_kill_9_of_the_upstream_holder_hands_it_over_and_no_client_misses_an_event(
     redis: RedisServer, simulator: tuple[Simulator, str], tmp_path: Path, http: httpx.AsyncClient
 ) -> None:
     sim, sim_url = simulator
-    injector = Injector(sim, ACCT)
+    injector = Injector(sim, ACCT, interval=0.05)
     async with (
         connect(redis.url) as lease_holder,
         relay_processes(3, tmp_path, redis, sim_url, http) as relays,
@@ -307,6 +341,7 @@ async def test_killing_the_upstream_holder_hands_the_upstream_over_within_the_le
         groups = await open_clients(stack, http, relays, ACCT, 4)
         injector.start()
         await wait_all([s for group in groups for s in group], got_a_call)
+        await injector.wait_sent(20)
 
         holder = await lease_holder.get(lease_key(ACCT))
         assert isinstance(holder, str)
@@ -314,16 +349,14 @@ async def test_killing_the_upstream_holder_hands_the_upstream_over_within_the_le
         killed = next(i for i, relay in enumerate(relays) if relay.process.pid == holder_pid)
         os.kill(holder_pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        async with asyncio.timeout(LEASE_SECONDS + 5):
-            while sim.streams_opened(ACCT) < 2:  # noqa: ASYNC110 - the simulator has no change notification
-                await asyncio.sleep(0.01)
-        takeover = time.monotonic() - killed_at
-        print(f"\nupstream taken over {takeover:.2f} s after kill -9 (lease {LEASE_SECONDS} s)")
+        sent_before_kill = injector.sent
 
-        # Clients of the killed relay come back on the others with Last-Event-ID.
+        # Clients of the killed relay come back on the others with Last-Event-ID, while no
+        # relay holds the upstream yet.
         orphans = groups[killed]
         survivors = [s for i, group in enumerate(groups) if i != killed for s in group]
-        await asyncio.gather(*(s.closed.wait() for s in orphans))
+        async with asyncio.timeout(DEADLINE):
+            await asyncio.gather(*(s.closed.wait() for s in orphans))
         resumed = []
         for index, orphan in enumerate(orphans):
             last_id = [e.id for e in orphan.events if e.id][-1]
@@ -338,26 +371,35 @@ async def test_killing_the_upstream_holder_hands_the_upstream_over_within_the_le
                     )
                 )
             )
-        await asyncio.sleep(1.0)  # more events through the new holder
+
+        async with asyncio.timeout(LEASE_SECONDS + 5):
+            while sim.streams_opened(ACCT) < 2:  # noqa: ASYNC110 - the simulator has no change notification
+                await asyncio.sleep(0.01)
+        takeover = time.monotonic() - killed_at
+        sent_before_takeover = injector.sent
+        print(f"\nupstream taken over {takeover:.2f} s after kill -9 (lease {LEASE_SECONDS} s)")
+        await injector.wait_sent(injector.sent + 20)  # and more through the new holder
         last = await injector.stop()
         await wait_all(survivors + resumed, saw(last))
 
         assert takeover <= LEASE_SECONDS + 1.0
+        assert sim.streams_opened(ACCT) == 2
         assert sim.open_streams(ACCT) == 1
+        # Sent while no relay held the upstream: the new holder asked for them with the
+        # Last-Event-ID the dead one left beside the lease, and the simulator replayed them.
+        unheld = set(range(sent_before_kill, sent_before_takeover))
+        assert len(unheld) >= 10
         new_connection = max(e.connection or 0 for e in sim.sent_log(ACCT))
-        after_takeover = [
+        assert unheld <= {
             json.loads(e.data)["n"] for e in sim.sent_log(ACCT) if e.connection == new_connection
-        ]
-        assert after_takeover
-        reference = numbers(calls(survivors[0]))
+        }
         for stream in survivors:
             got = numbers(calls(stream))
-            assert got == sorted(set(got)), "out of order or repeated"
-            assert got[got.index(after_takeover[0]) :] == after_takeover
+            assert got == list(range(got[0], last + 1)), "missed, repeated or out of order"
         for orphan, again in zip(orphans, resumed, strict=True):
             assert again.of_type("relay.reset") == []
             got = numbers(calls(orphan)) + numbers(calls(again))
-            assert got == [n for n in reference if n >= got[0]]
+            assert got == list(range(got[0], last + 1)), "missed, repeated or out of order"
         assert all(relay.alive for i, relay in enumerate(relays) if i != killed)
 
 
@@ -392,86 +434,3 @@ async def test_redis_stopped_and_restarted_mid_stream_degrades_then_resumes_with
             assert got == list(range(got[0], last + 1))
         assert all(relay.alive for relay in relays)
         assert sim.streams_opened(ACCT) == 1  # the holder kept its upstream through the outage
-
-
-# -- the lease, in-process ------------------------------------------------------------------------
-
-
-class FakeUpstreams:
-    """Counts what the leases acquire and release of the UpstreamManager."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.changed = asyncio.Event()
-
-    def acquire(self, account_id: str) -> None:
-        self.counts[account_id] = self.counts.get(account_id, 0) + 1
-        self.changed.set()
-
-    def release(self, account_id: str) -> None:
-        self.counts[account_id] -= 1
-        self.changed.set()
-
-    def status_of(self, account_id: str) -> UpstreamStatus | None:
-        return UpstreamStatus(account_id, UpstreamState.CONNECTED, time.time(), 0, 0)
-
-    def open(self, account_id: str) -> bool:
-        return self.counts.get(account_id, 0) > 0
-
-    async def wait_open(self, account_id: str, open: bool = True) -> None:
-        async with asyncio.timeout(5.0):
-            while self.open(account_id) is not open:
-                self.changed.clear()
-                await self.changed.wait()
-
-
-@contextlib.asynccontextmanager
-async def process(
-    redis: RedisServer, lease_seconds: float = 0.6
-) -> AsyncIterator[tuple[UpstreamLeases, FakeUpstreams]]:
-    """What one relay process runs of the leases, with a short lease time."""
-    client = connect(redis.url)
-    hub = Hub(MemoryBroker(ReplaySettings()), Limits(10, 10, 10), Metrics())
-    token = process_token()
-    states = UpstreamStates(client, hub, token)
-    upstreams = FakeUpstreams()
-    settings = Settings(upstream={"linger_seconds": 0})  # type: ignore[arg-type]
-    leases = UpstreamLeases(client, upstreams, states, settings, token, lease_seconds=lease_seconds)
-    states.start()
-    try:
-        yield leases, upstreams
-    finally:
-        await leases.aclose()
-        await states.aclose()
-        await client.aclose()
-
-
-async def test_one_process_holds_the_lease_and_another_takes_over_when_it_lets_go(
-    redis: RedisServer,
-) -> None:
-    async with process(redis) as (one, one_upstreams), process(redis) as (two, two_upstreams):
-        one.acquire(ACCT)
-        await one_upstreams.wait_open(ACCT)
-        two.acquire(ACCT)
-        await asyncio.sleep(1.5)  # more than two lease times: renewals keep it where it is
-        assert one.held() == [ACCT]
-        assert two.held() == []
-        assert not two_upstreams.open(ACCT)
-
-        one.release(ACCT)  # linger 0: the lease is let go at once
-        await two_upstreams.wait_open(ACCT)
-        assert not one_upstreams.open(ACCT)
-        assert one.held() == []
-
-
-async def test_a_lease_found_taken_by_another_process_closes_the_upstream_here(
-    redis: RedisServer,
-) -> None:
-    client = connect(redis.url)
-    async with process(redis) as (one, upstreams):
-        one.acquire(ACCT)
-        await upstreams.wait_open(ACCT)
-        await client.set(lease_key(ACCT), "another:1:process", px=60_000)
-        await upstreams.wait_open(ACCT, open=False)
-        assert one.held() == []
-    await client.aclose()

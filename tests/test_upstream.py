@@ -217,6 +217,74 @@ async def test_always_on_accounts_open_at_start() -> None:
             assert sim.open_streams(ACCOUNT) == 1
 
 
+# -- handing the upstream between processes ------------------------------------------------------
+
+
+async def test_an_upstream_opened_from_idle_resumes_after_the_given_id() -> None:
+    sim = simulator()
+    sink = RecordingSink()
+    async with sim.serve() as base_url:
+        # Sent while no relay was connected: only DialStack's replay can bring them.
+        sent = [await sim.inject(ACCOUNT, TEST_EVENT, {"n": n}) for n in range(5)]
+        assert sent[1].id is not None
+        async with upstream_manager(upstream_settings(base_url), sink) as manager:
+            manager.acquire(ACCOUNT, last_event_id=sent[1].id)
+            await sink.wait_for(lambda: sink.counters() == [2, 3, 4])
+
+            manager.acquire(ACCOUNT, last_event_id="1")  # already open: changes nothing
+            await sim.inject(ACCOUNT, TEST_EVENT, {"n": 5})
+            await sink.wait_for(lambda: sink.counters() == [2, 3, 4, 5])
+            assert sim.streams_opened(ACCOUNT) == 1
+
+
+async def test_the_given_id_wins_over_the_upstream_own_one() -> None:
+    """Taken back after another process held it, the upstream resumes where that one stopped."""
+    sim = simulator()
+    sink = RecordingSink()
+    async with (
+        sim.serve() as base_url,
+        upstream_manager(upstream_settings(base_url), sink) as manager,
+    ):
+        manager.acquire(ACCOUNT)
+        await sink.wait_for(connected(sink))
+        sent = [await sim.inject(ACCOUNT, TEST_EVENT, {"n": n}) for n in range(3)]
+        await sink.wait_for(lambda: sink.counters() == [0, 1, 2])
+        assert sent[0].id is not None
+
+        manager.drop(ACCOUNT)
+        # At once, while the dropped connection is still closing and leaving its own id.
+        manager.acquire(ACCOUNT, last_event_id=sent[0].id)
+        await sink.wait_for(lambda: sink.counters() == [0, 1, 2, 1, 2])
+        await sim.inject(ACCOUNT, TEST_EVENT, {"n": 3})
+        await sink.wait_for(lambda: sink.counters() == [0, 1, 2, 1, 2, 3])
+        assert sim.streams_opened(ACCOUNT) == 2
+        assert sim.open_streams(ACCOUNT) == 1
+
+
+async def test_drop_closes_the_upstream_at_once_and_forgets_its_subscribers() -> None:
+    sim = simulator()
+    sink = RecordingSink()
+    async with sim.serve() as base_url:
+        settings = upstream_settings(base_url, linger_seconds=1.0)
+        async with upstream_manager(settings, sink) as manager:
+            for _ in range(3):
+                manager.acquire(ACCOUNT)
+            manager.release(ACCOUNT)
+            await sink.wait_for(connected(sink))
+
+            dropped_at = time.monotonic()
+            manager.drop(ACCOUNT)
+            assert sink.state is UpstreamState.IDLE
+            await eventually(lambda: sim.open_streams(ACCOUNT) == 0)
+            assert time.monotonic() - dropped_at < 1.0  # sooner than the linger
+
+            manager.acquire(ACCOUNT)
+            await sink.wait_for(connected(sink))
+            manager.release(ACCOUNT)  # the only subscriber: the two before were forgotten
+            await eventually(lambda: sim.open_streams(ACCOUNT) == 0, timeout=3.0)
+            assert sink.state is UpstreamState.IDLE
+
+
 # -- transparency under faults --------------------------------------------------------------------
 
 FAULTS: dict[str, dict[str, Any]] = {
