@@ -24,7 +24,7 @@ import uvloop
 from bench import report
 from bench.run import Result, measure
 from bench.scenarios import SCENARIOS, Scenario
-from bench.servers import SERVERS
+from bench.servers import SERVERS, ServerFailed
 from bench.worker import raise_file_limit
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,9 +51,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-async def run_matrix(scenarios: list[Scenario], output: Path) -> list[Result]:
+async def run_matrix(scenarios: list[Scenario], output: Path) -> tuple[list[Result], list[str]]:
+    """The results, and why the measurements that have none were not made."""
     secret = secrets.token_urlsafe(48)  # the servers' token key, for this run only
     results = []
+    unmeasured = []
     for scenario in scenarios:
         for server in SERVERS:
             print(
@@ -63,7 +65,15 @@ async def run_matrix(scenarios: list[Scenario], output: Path) -> list[Result]:
                 flush=True,
             )
             started = time.perf_counter()
-            result = await measure(scenario, server, output / f"{scenario.name}-{server}", secret)
+            try:
+                result = await measure(
+                    scenario, server, output / f"{scenario.name}-{server}", secret
+                )
+            except ServerFailed as exc:
+                # One server that does not start must not cost the rest of the matrix.
+                print(f"  not measured: {exc}", file=sys.stderr, flush=True)
+                unmeasured.append(f"{scenario.name} / {server}: not measured: {exc}")
+                continue
             print(
                 f"  done in {time.perf_counter() - started:.0f} s: "
                 f"{result.delivered:,}/{result.expected:,} delivered, {report.errors(result)} errors",
@@ -71,7 +81,7 @@ async def run_matrix(scenarios: list[Scenario], output: Path) -> list[Result]:
                 flush=True,
             )
             results.append(result)
-    return results
+    return results, unmeasured
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -82,15 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     # The servers inherit it: each of their clients is a file descriptor too.
     raise_file_limit()
-    results = uvloop.run(run_matrix(scenarios, output))
+    results, unmeasured = uvloop.run(run_matrix(scenarios, output))
     command = shlex.join(
         ["uv", "run", "python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]
     )
     print(f"\n{command}\n")
     print(report.table(results))
-    problems = report.failures(results)
+    problems = [*unmeasured, *report.failures(results)]
     if problems:
-        print("\nErrors:\n" + "\n".join(f"  {line}" for line in problems))
+        print("\nProblems:\n" + "\n".join(f"  {line}" for line in problems))
     print(
         "\nIssue 7 targets (relay):\n" + "\n".join(f"  {line}" for line in report.targets(results))
     )
@@ -100,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "system": platform.platform(),
     }
     path = output / "results.json"
-    report.write_json(path, command, results, machine)
+    report.write_json(path, command, results, problems, machine)
     print(f"\nJSON and server logs: {path.parent}")
-    return 0
+    return 1 if unmeasured else 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ class Dechunker:
         self._trailing = 0  # bytes of the CRLF after chunk data still to skip
 
     def feed(self, data: bytes) -> bytes:
+        if not self._buffer and not self._left and not self._trailing:
+            # The common case: one write of the server is one read here, a whole chunk.
+            eol = data.find(b"\r\n")
+            if 0 < eol < 8 and data[:eol].isalnum() and data.endswith(b"\r\n"):
+                start = eol + 2
+                if int(data[:eol], 16) == len(data) - start - 2:
+                    return data[start:-2]
         buffer = self._buffer
         buffer += data
         out = bytearray()
@@ -232,6 +239,9 @@ class SSEConnection(asyncio.Protocol):
         if self._chunks is not None:
             data = self._chunks.feed(data)
         sse = self._sse
+        if not sse and data.endswith((b"\n\n", b"\r\n\r\n")):
+            self._client.receive(data, now, self._started)  # whole blocks: no copy
+            return
         sse += data
         lf, crlf = sse.rfind(b"\n\n"), sse.rfind(b"\r\n\r\n")
         end = max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)

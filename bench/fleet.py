@@ -81,6 +81,10 @@ class Fleet:
         finally:
             await fleet._stop()
 
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process, _ in self._workers if process.pid is not None]
+
     async def connect(self, below: int) -> ConnectResult:
         """Open the clients numbered below `below` that are not open."""
         started = time.perf_counter()

@@ -17,7 +17,7 @@ class Sample:
 
 
 def sample(pid: int) -> Sample:
-    """Raises OSError when the process is gone."""
+    """Raises OSError when the process is gone; a dead one not yet reaped has no memory."""
     stat = Path(f"/proc/{pid}/stat").read_text()
     # The command name (field 2) may hold spaces; every field after its closing ')' is numeric.
     fields = stat.rsplit(")", 1)[1].split()
@@ -27,4 +27,4 @@ def sample(pid: int) -> Sample:
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
             memory[key] = int(value.split()[0]) * 1024  # reported in kB
-    return Sample((utime + stime) / _CLOCK_TICKS, memory["VmRSS"], memory["VmHWM"])
+    return Sample((utime + stime) / _CLOCK_TICKS, memory.get("VmRSS", 0), memory.get("VmHWM", 0))

@@ -58,6 +58,10 @@ class Result:
     rss_per_client_kb: float
     rss_per_upstream_kb: float | None  # its clients' memory taken out; None with one account
     peak_rss_mb: float
+    asked_rate: float  # events a second into all accounts together
+    publish_rate: float | None  # achieved (the slowest publishing); lower if the simulator lagged
+    loadgen_cpu_seconds: float  # the bench's processes: they share the machine with the server
+    simulator_cpu_seconds: float
 
 
 def account_ids(count: int) -> list[str]:
@@ -124,7 +128,16 @@ class _Phases:
     end: Sample  # once the events were collected
     connect_seconds: float
     connect_cpu: float  # CPU seconds of the measured connections (the storm's: reconnections)
+    event_cpu: float  # CPU seconds while events were published and delivered to open clients
+    live_deliveries: int  # the deliveries event_cpu paid for (the storm's replays are not)
     delivery: Delivery
+    publish_rates: list[float]  # events a second achieved by each publishing
+    loadgen_cpu: float  # the bench's own processes
+    simulator_cpu: float
+
+
+def _cpu(pids: list[int]) -> float:
+    return sum(sample(pid).cpu_seconds for pid in pids)
 
 
 async def measure(scenario: Scenario, server_name: str, workdir: Path, secret: str) -> Result:
@@ -137,6 +150,8 @@ async def measure(scenario: Scenario, server_name: str, workdir: Path, secret: s
         SimulatorClient(HOST, simulator_process.port) as simulator,
         Fleet.started(worker_plans(scenario, server.port, secret)) as fleet,
     ):
+        loadgen = [os.getpid(), *fleet.pids]
+        loadgen_cpu, simulator_cpu = _cpu(loadgen), _cpu([simulator_process.pid])
         before = sample(server.pid)
         # One client per account first: every upstream opens, and what they take in memory is
         # told apart from what the clients take.
@@ -148,50 +163,87 @@ async def measure(scenario: Scenario, server_name: str, workdir: Path, secret: s
         rest = await fleet.connect(below=scenario.clients)
         connected = sample(server.pid)
         connect_seconds = first.seconds + rest.seconds
+        connect_cpu = connected.cpu_seconds - before.cpu_seconds
+        events = _Events(scenario, accounts, simulator, fleet)
         if scenario.storm:
-            delivery, connect_seconds, connect_cpu = await _storm(
-                scenario, accounts, simulator, fleet, server.pid
-            )
+            storm = await events.storm(server.pid)
+            delivery, connect_seconds, connect_cpu, event_cpu, live_deliveries = storm
+            end = sample(server.pid)
         else:
-            delivery = await _live(scenario, accounts, simulator, fleet)
-            connect_cpu = connected.cpu_seconds - before.cpu_seconds
-        end = sample(server.pid)
+            delivery = await events.live()
+            end = sample(server.pid)
+            event_cpu = end.cpu_seconds - connected.cpu_seconds
+            live_deliveries = delivery.delivered
+        loadgen_cpu = _cpu(loadgen) - loadgen_cpu
+        simulator_cpu = _cpu([simulator_process.pid]) - simulator_cpu
         if server.exit_code() is not None:
             problems[f"{server_name} exited with {server.exit_code()}"] += 1
-    phases = _Phases(before, upstreams, connected, end, connect_seconds, connect_cpu, delivery)
+    phases = _Phases(
+        before,
+        upstreams,
+        connected,
+        end,
+        connect_seconds,
+        connect_cpu,
+        event_cpu,
+        live_deliveries,
+        delivery,
+        events.rates,
+        loadgen_cpu,
+        simulator_cpu,
+    )
     return _result(scenario, server_name, phases, problems)
 
 
-async def _live(
-    scenario: Scenario, accounts: list[str], simulator: SimulatorClient, fleet: Fleet
-) -> Delivery:
-    events = scenario.events_per_account
-    if events:
-        await simulator.publish(accounts, 0, events, scenario.rate_per_account)
-    return await fleet.collect(events, DELIVERY_GRACE_SECONDS if events else 0)
+class _Events:
+    """The event phase of a measurement: publishing at the scenario's rate, and collecting."""
 
+    def __init__(
+        self, scenario: Scenario, accounts: list[str], simulator: SimulatorClient, fleet: Fleet
+    ) -> None:
+        self._scenario = scenario
+        self._accounts = accounts
+        self._simulator = simulator
+        self._fleet = fleet
+        self.rates: list[float] = []
 
-async def _storm(
-    scenario: Scenario, accounts: list[str], simulator: SimulatorClient, fleet: Fleet, pid: int
-) -> tuple[Delivery, float, float]:
-    """Live, everyone away, everyone back at once with Last-Event-ID, live again.
+    async def _publish(self, first: int, count: int) -> None:
+        rate = self._scenario.rate_per_account
+        self.rates.append(await self._simulator.publish(self._accounts, first, count, rate))
 
-    Returns the delivery over all phases, and the seconds and server CPU seconds that the
-    reconnection took.
-    """
-    events, rate = scenario.events_per_account, scenario.rate_per_account
-    live, away = events // 2, events // 4
-    await simulator.publish(accounts, 0, live, rate)
-    first = await fleet.collect(live, DELIVERY_GRACE_SECONDS)
-    await fleet.disconnect()
-    await simulator.publish(accounts, live, away, rate)
-    before = sample(pid)
-    reconnect = await fleet.connect(below=scenario.clients)
-    after = sample(pid)
-    await simulator.publish(accounts, live + away, events - live - away, rate)
-    delivery = await fleet.collect(events, DELIVERY_GRACE_SECONDS)
-    delivery.latencies = first.latencies + delivery.latencies
-    return delivery, reconnect.seconds, after.cpu_seconds - before.cpu_seconds
+    async def live(self) -> Delivery:
+        events = self._scenario.events_per_account
+        if events:
+            await self._publish(0, events)
+        return await self._fleet.collect(events, DELIVERY_GRACE_SECONDS if events else 0)
+
+    async def storm(self, pid: int) -> tuple[Delivery, float, float, float, int]:
+        """Live, everyone away, everyone back at once with Last-Event-ID, live again.
+
+        Returns the delivery over all phases; the seconds and server CPU seconds that the
+        reconnection (replays included) took; and the server CPU seconds of the two live
+        phases with the deliveries they made.
+        """
+        events = self._scenario.events_per_account
+        live, away = events // 2, events // 4
+        started = sample(pid)
+        await self._publish(0, live)
+        first = await self._fleet.collect(live, DELIVERY_GRACE_SECONDS)
+        left = sample(pid)
+        await self._fleet.disconnect()
+        await self._publish(live, away)
+        before = sample(pid)
+        reconnect = await self._fleet.connect(below=self._scenario.clients)
+        back = sample(pid)
+        replayed = await self._fleet.collect(0, 0)  # what the clients had once back
+        await self._publish(live + away, events - live - away)
+        delivery = await self._fleet.collect(events, DELIVERY_GRACE_SECONDS)
+        end = sample(pid)
+        delivery.latencies = first.latencies + replayed.latencies + delivery.latencies
+        reconnect_cpu = back.cpu_seconds - before.cpu_seconds
+        live_cpu = left.cpu_seconds - started.cpu_seconds + end.cpu_seconds - back.cpu_seconds
+        live_deliveries = first.delivered + delivery.delivered - replayed.delivered
+        return delivery, reconnect.seconds, reconnect_cpu, live_cpu, live_deliveries
 
 
 def _result(
@@ -204,8 +256,8 @@ def _result(
     else:
         rss_per_client = (phases.connected.rss_bytes - before.rss_bytes) / clients
     rss_per_upstream = (upstreams.rss_bytes - before.rss_bytes) / accounts - rss_per_client
-    cpu = end.cpu_seconds - before.cpu_seconds
-    event_cpu = cpu - phases.connect_cpu
+    deliveries = phases.live_deliveries
+    per_delivery = phases.event_cpu / deliveries if deliveries else None
     return Result(
         scenario=scenario.name,
         server=server_name,
@@ -219,11 +271,15 @@ def _result(
         failures=dict(delivery.failures + problems),
         latency_ms=percentiles(delivery.latencies),
         connect_seconds=phases.connect_seconds,
-        cpu_seconds=cpu,
-        cpu_per_delivery_us=event_cpu / delivery.delivered * 1e6 if delivery.delivered else None,
+        cpu_seconds=end.cpu_seconds - before.cpu_seconds,
+        cpu_per_delivery_us=per_delivery * 1e6 if per_delivery is not None else None,
         cpu_per_connection_us=phases.connect_cpu / clients * 1e6,
         rss_per_client_kb=rss_per_client / 1024,
         # One upstream's share is lost in the noise of thousands of clients.
         rss_per_upstream_kb=rss_per_upstream / 1024 if accounts > 1 else None,
         peak_rss_mb=end.peak_rss_bytes / 2**20,
+        asked_rate=accounts * scenario.rate_per_account,
+        publish_rate=min(phases.publish_rates, default=None),
+        loadgen_cpu_seconds=phases.loadgen_cpu,
+        simulator_cpu_seconds=phases.simulator_cpu,
     )

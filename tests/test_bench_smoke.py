@@ -7,7 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+from bench.client import BenchClient, Recorder, SSEConnection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,3 +52,44 @@ def test_quick_fanout_delivers_everything_through_both_servers(tmp_path: Path) -
     assert "| fanout-1k | naive " in table
     assert "| relay/naive " in table
     assert (tmp_path / "fanout-1k-relay" / "relay.log").exists()
+
+
+def _chunked(frames: list[bytes]) -> bytes:
+    return b"".join(b"%x\r\n%s\r\n" % (len(frame), frame) for frame in frames)
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r\n"])
+@pytest.mark.parametrize("piece", [0, 1, 7, 64, 100_000])  # 0: one read per chunk
+async def test_the_bench_client_counts_events_however_the_stream_is_cut(
+    separator: str, piece: int
+) -> None:
+    """The fast paths (one chunk per read) and the slow ones (any cut) count the same."""
+    recorder = Recorder()
+    client = BenchClient(0, "acct_a", "token", 3, recorder)
+    connection = SSEConnection(client, b"")
+
+    def frame(*lines: str) -> bytes:
+        return (separator.join(lines) + separator * 2).encode()
+
+    frames = [frame("retry: 3000", "event: connected", "data: {}")]
+    for seq in (0, 1, 1, 2):  # 1 twice: a duplicate
+        data = json.dumps({"seq": seq, "sent": time.time(), "account_id": "acct_a"})
+        frames.append(frame(f"id: 17-{seq}", "event: call.incoming", f"data: {data}"))
+    other = json.dumps({"seq": 0, "sent": time.time(), "account_id": "acct_b"})
+    frames.append(frame("id: 17-9", "event: call.incoming", f"data: {other}"))
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    if piece:
+        stream = head + _chunked(frames)
+        reads = [stream[at : at + piece] for at in range(0, len(stream), piece)]
+    else:
+        reads = [head, *(_chunked([frame]) for frame in frames)]
+    for read in reads:
+        connection.data_received(read)
+
+    assert client.is_open
+    assert (client.distinct, client.duplicates, recorder.foreign) == (3, 1, 1)
+    assert client.last_event_id == b"17-9"
+    assert len(recorder.latencies) == 3
+    assert b"Last-Event-ID: 17-9\r\n" in client.request("127.0.0.1", 1)
