@@ -72,9 +72,8 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
         metrics,
     )
     timeout = httpx.Timeout(settings.upstream.connect_timeout_seconds, read=None)
-    # One long-lived stream per account (two while rotating): the pool must not cap them.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits) as http:
+    # Session requests only: each account's streams have a pool of their own (upstream.py).
+    async with httpx.AsyncClient(timeout=timeout) as http:
 
         def upstreams_for(sink: ChannelSink) -> UpstreamManager:
             return UpstreamManager(settings, sink, session_source_for(settings, http), http)
