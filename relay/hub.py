@@ -108,6 +108,7 @@ class Hub:
         self.emptied = asyncio.Event()
         self.emptied.set()
         self._status: dict[str, UpstreamStatus] = {}
+        self._outbox: dict[str, list[Stored]] = {}  # events waiting for the next fan-out
         self.demand: Demand | None = None
         broker.attach(self.deliver)
 
@@ -146,13 +147,39 @@ class Hub:
     # -- fan-out -------------------------------------------------------------------------------
 
     def deliver(self, account_id: str, event: Stored) -> None:
+        """Queue `event` for the account's subscribers; they get it on the loop's next turn.
+
+        Events that arrive together (a busy relay reads several per upstream chunk) reach each
+        client as one write instead of one per event.
+        """
+        if account_id not in self._accounts:
+            return
+        batch = self._outbox.get(account_id)
+        if batch is None:
+            self._outbox[account_id] = [event]
+            asyncio.get_running_loop().call_soon(self._fan_out, account_id)
+        else:
+            batch.append(event)
+
+    def _fan_out(self, account_id: str) -> None:
+        events = self._outbox.pop(account_id)
         subscribers = self._accounts.get(account_id)
         if not subscribers:
             return
         started = self._clock()
-        for subscriber in tuple(subscribers):
-            subscriber.offer(event)
-        self._metrics.events_out.inc(len(subscribers))
+        if len(events) == 1:
+            for subscriber in tuple(subscribers):
+                subscriber.offer(events[0])
+        else:
+            joined = b"".join(event.frame for event in events)
+            first = events[0].key
+            for subscriber in tuple(subscribers):
+                if subscriber.takes_all_after(first):
+                    subscriber.push(joined)
+                else:
+                    for event in events:
+                        subscriber.offer(event)
+        self._metrics.events_out.inc(len(subscribers) * len(events))
         self._metrics.fanout_seconds.observe(self._clock() - started)
 
     # -- subscribers ---------------------------------------------------------------------------

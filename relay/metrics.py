@@ -49,7 +49,7 @@ class Metrics:
         )
         self.fanout_seconds = Histogram(
             "relay_fanout_seconds",
-            "Time to queue one event to every local subscriber of its account",
+            "Time to hand one batch of events (usually one) to every local subscriber of its account",
             buckets=(
                 0.00005,
                 0.0001,

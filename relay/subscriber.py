@@ -75,6 +75,15 @@ class Subscriber:
             return False
         return self.user_id is None or event.user_id is None or event.user_id == self.user_id
 
+    def takes_all_after(self, key: tuple[int, int]) -> bool:
+        """Whether every event from `key` on goes to this client as is (no filter, no handover)."""
+        return (
+            self.events is None
+            and self.user_id is None
+            and self.pending is None
+            and (self.replay_bound is None or self.replay_bound < key)
+        )
+
     def offer(self, event: Stored) -> None:
         if self.replay_bound is not None and event.key <= self.replay_bound:
             return
