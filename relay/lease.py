@@ -58,11 +58,20 @@ SILENT_SECONDS = 3.0  # ... and counts a link that answers nothing for this long
 RELEASE_TIMEOUT_SECONDS = 2.0
 SHARE_RETRY_MAX_SECONDS = 1.0  # a state or id Redis could not take is written again this soon
 _TAKEN_BACK = 2  # what _RENEW answers when the lease was gone and is this process's again
+_FORGOTTEN = 2  # what _CLAIM answers when Redis lost a lease this process saw held
 
-# KEYS: lease, upstream. ARGV: token, lease ms.
-# Returns {1, newest upstream id or ''} when claimed, else {0, ms until the lease expires}.
+# KEYS: lease, upstream. ARGV: token, lease ms, '1' if this process has found the lease held,
+# keep ms. The holder's token stays beside the lease (KEEP_UPSTREAM_MS) after it goes, so a lease
+# gone together with it means Redis lost its data (a restart): the holder is about to take its
+# lease back, and a process that saw it held does not claim it now. Returns {1, newest upstream
+# id or ''} when claimed, {2, ''} for that, else {0, ms until the lease expires}.
 _CLAIM = """
+if ARGV[3] == '1' and redis.call('EXISTS', KEYS[1], KEYS[2]) == 0 then
+  return {2, ''}
+end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  redis.call('HSET', KEYS[2], 'holder', ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
   return {1, redis.call('HGET', KEYS[2], 'last_event_id') or ''}
 end
 return {0, redis.call('PTTL', KEYS[1])}
@@ -78,6 +87,7 @@ if holder and holder ~= ARGV[1] then
   return 0
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'holder', ARGV[1])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 if holder then
   return 1
@@ -437,6 +447,8 @@ class _Lease:
     counted: bool = False  # acquired from the UpstreamManager and not released
     unwanted_at: float | None = None  # loop time the demand dropped to 0
     resume_from: str = ""  # the previous holder's newest upstream id, until the upstream opens
+    seen_held: bool = False  # a claim found the lease held by another process
+    claim_after: float = 0.0  # loop time before which this process does not contend
     woken: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
 
@@ -541,13 +553,14 @@ class UpstreamLeases:
             await asyncio.wait((after,))
         loop = asyncio.get_running_loop()
         backoff = Backoff(0.1, self._renew_every)
-        claim_after = 0.0  # loop time before which this process does not contend
         try:
             while not self._done_with(lease, loop.time()):
                 try:
                     # Bounded by the renewal period: a stuck call must not outlive the lease.
                     async with asyncio.timeout(self._renew_every):
-                        delay = await self._step(account_id, lease, loop.time() >= claim_after)
+                        delay = await self._step(
+                            account_id, lease, loop.time() >= lease.claim_after
+                        )
                     backoff.reset()
                 except UNREACHABLE as exc:
                     if lease.held and not backoff.attempt:
@@ -560,7 +573,7 @@ class UpstreamLeases:
                     if not lease.held:
                         # After an outage the holder takes its lease back first, rather than
                         # every process racing for it (Redis may have restarted empty).
-                        claim_after = loop.time() + self._lease_seconds
+                        lease.claim_after = loop.time() + self._lease_seconds
                     delay = backoff.next_delay()
                 except Exception:  # a bug here must not end the contention for good
                     log.error("upstream lease step failed", account=account_id, exc_info=True)
@@ -598,9 +611,23 @@ class UpstreamLeases:
         if lease.wanted == 0 or not may_claim:
             return self._renew_every
         claimed, value = await self._claim(
-            keys=keys, args=[self._token, int(self._lease_seconds * 1000)]
+            keys=keys,
+            args=[
+                self._token,
+                int(self._lease_seconds * 1000),
+                int(lease.seen_held),
+                KEEP_UPSTREAM_MS,
+            ],
         )
+        if claimed == _FORGOTTEN:
+            # The holder may not have failed a step during the outage, nor this process: a lease
+            # time lets it renew, which takes the lease back, before anyone else contends.
+            log.info("upstream lease gone with redis's data; the holder takes it back first")
+            lease.seen_held = False
+            lease.claim_after = asyncio.get_running_loop().time() + self._lease_seconds
+            return self._renew_every
         if not claimed:
+            lease.seen_held = True
             # Try again as the holder's lease would run out, were it to stop renewing it.
             return min(max(int(value), 10) / 1000, self._renew_every)
         lease.held, lease.resume_from = True, value

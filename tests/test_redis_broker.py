@@ -1,21 +1,24 @@
 """The Redis broker against a real, throwaway redis-server: ids, de-duplication, replay, live reading,
-the replay/live handover, and an outage with events queued and appended on recovery."""
+the replay/live handover, an outage with events queued and appended on recovery, and the upstream
+lease across a restart that empties Redis."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 from redis_server import RedisServer, redis_server
 
-from relay.brokers.redis import UNNUMBERED, RedisBroker
-from relay.channel import Incoming
-from relay.config import ReplaySettings
+from relay.brokers.redis import UNNUMBERED, RedisBroker, connect
+from relay.channel import Incoming, UpstreamState, UpstreamStatus
+from relay.config import ReplaySettings, Settings
 from relay.hub import Hub, Limits
+from relay.lease import UpstreamLeases, UpstreamStates, lease_key, process_token, upstream_key
 from relay.metrics import Metrics
 from relay.stored import Stored, id_key
 
@@ -239,3 +242,71 @@ async def test_an_outage_queues_events_and_appends_them_in_order_once_redis_answ
         assert after is not None
         assert after.id != UNNUMBERED
         assert numbers(await received.wait_for(ACCT, 9)) == list(range(9))
+
+
+class OpenedUpstreams:
+    """The leases' UpstreamManager: notes when the upstream is opened."""
+
+    def __init__(self) -> None:
+        self.opened = asyncio.Event()
+
+    def acquire(self, account_id: str, *, last_event_id: str = "") -> None:
+        self.opened.set()
+
+    def release(self, account_id: str) -> None: ...
+
+    def drop(self, account_id: str) -> None: ...
+
+    def status_of(self, account_id: str) -> UpstreamStatus | None:
+        return UpstreamStatus(account_id, UpstreamState.CONNECTED, time.time(), 0, 0)
+
+
+async def evalsha_ran(server: RedisServer) -> None:
+    """Until Redis has run a script (loading it first is a failed call): here, a lease claim."""
+    client = connect(server.url)
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while True:
+                stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+                if stats.get("calls", 0) - stats.get("failed_calls", 0) >= 1:
+                    return
+                await asyncio.sleep(0.01)
+    finally:
+        await client.aclose()
+
+
+async def test_a_lease_lost_in_a_redis_restart_is_left_to_its_holder_for_a_lease_time(
+    server: RedisServer,
+) -> None:
+    """Redis restarted empty forgets the lease. A process that saw it held but slept through the
+    outage (none of its lease steps failed) used to claim it at once and open a second upstream
+    without a Last-Event-ID, and the holder, finding its lease taken, closed its own: the events
+    DialStack sent in between were lost. The holder's next renewal takes the lease back first."""
+    lease_seconds = 1.5  # another process's claims are retried every 0.5 s
+    holder = connect(server.url)
+    await holder.set(lease_key(ACCT), "holder:1:abcd", px=60_000)
+    await holder.hset(upstream_key(ACCT), "holder", "holder:1:abcd")
+    settings = Settings.model_validate({"broker": {"lease_seconds": lease_seconds}})
+    async with broker(server) as other:
+        hub = Hub(other, Limits(10, 10, 10), Metrics())
+        token = process_token()
+        states = UpstreamStates(other.redis, hub, token)
+        upstreams = OpenedUpstreams()
+        leases = UpstreamLeases(other.redis, upstreams, states, settings, token)
+        states.start()
+        try:
+            leases.acquire(ACCT)
+            await evalsha_ran(server)  # its claim found the lease held
+            # Stopped and started with the loop blocked: no lease step sees the outage.
+            server.stop()
+            server.start()
+            restarted = asyncio.get_running_loop().time()
+            # The holder is gone for good here: the lease is taken, but only a lease time later.
+            async with asyncio.timeout(DEADLINE):
+                await upstreams.opened.wait()
+            assert asyncio.get_running_loop().time() - restarted >= lease_seconds
+            assert await holder.get(lease_key(ACCT)) == token
+        finally:
+            await leases.aclose()
+            await states.aclose()
+            await holder.aclose()
