@@ -210,8 +210,8 @@ async def test_a_quiet_link_to_redis_is_not_taken_for_an_outage(
 
         monkeypatch.setattr(two.hub, "upstream_changed", record)
         one.leases.acquire(ACCT)
+        await one.upstreams.wait_open(ACCT)  # `one` holds; `two` follows
         two.leases.acquire(ACCT)
-        await one.upstreams.wait_open(ACCT)
         await asyncio.sleep(1.0)  # five silences long, with no state published meanwhile
         assert UpstreamState.DEGRADED not in told
         assert told[-1] is UpstreamState.CONNECTED
