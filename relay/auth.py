@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import json
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -45,6 +46,19 @@ def _clean_events(value: Any) -> frozenset[str] | None:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise InvalidToken("claim 'events' must be a list of event type names")
     return frozenset(value)
+
+
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len({name for name, _ in pairs}) != len(pairs):
+        raise InvalidToken("token repeats a name in its header or claims")
+    return dict(pairs)
+
+
+def _refuse_repeated_names(token: str) -> None:
+    """JSON parsers disagree on which of two same-named members wins (RFC 7519 section 4 allows
+    "the last" or "reject"); refusing leaves no token that means one thing here, another elsewhere."""
+    for segment in token.split(".")[:2]:
+        json.loads(jwt.utils.base64url_decode(segment), object_pairs_hook=_unique_members)
 
 
 def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
@@ -100,10 +114,14 @@ class TokenVerifier:
             raise InvalidToken(f"token lacks the required claim '{exc.claim}'") from None
         except jwt.InvalidTokenError:
             raise InvalidToken("token is not valid") from None
+        _refuse_repeated_names(token)
         account_id = claims["account_id"]
         if not isinstance(account_id, str) or not account_id.startswith("acct_"):
             raise InvalidToken("claim 'account_id' must be an account id (acct_...)")
         exp = claims["exp"]
+        # PyJWT also takes a string of digits; a number is what the claim is.
+        if isinstance(exp, bool) or not isinstance(exp, int | float):
+            raise InvalidToken("claim 'exp' must be a number of seconds since the epoch")
         if exp > time.time() + self._max_ttl:
             raise InvalidToken("token lifetime exceeds auth.max_token_ttl_seconds")
         return Grant(

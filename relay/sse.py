@@ -17,6 +17,9 @@ from dataclasses import dataclass
 _MAX_RETRY_MS = 2**64 - 1
 _LINE_END = re.compile(r"\r\n|\r|\n")
 _BOM = "\ufeff"
+# Data lines of one event are joined into a string this many at a time, so that endless short
+# `data:` lines hold memory in proportion to their characters, not an object per line.
+_DATA_LINES_PER_PIECE = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +52,9 @@ class SSEParser:
         self._pending_size = 0
         self._after_cr = False
         self._at_stream_start = True
-        self._data: list[str] = []
-        # Characters in _data: endless `data:` lines must not grow memory either.
+        self._data: list[str] = []  # data lines of the current event since the last piece
+        self._data_pieces: list[str] = []  # earlier data lines, joined
+        # Characters of the event's data: endless `data:` lines must not grow memory either.
         self._data_size = 0
         self._event_type = ""
         self._id_buffer = ""
@@ -105,6 +109,9 @@ class SSEParser:
             self._data_size += len(value) + 1
             if self._data_size > self._max_line_bytes:
                 raise LineTooLong(f"SSE event data longer than {self._max_line_bytes} characters")
+            if len(self._data) == _DATA_LINES_PER_PIECE:
+                self._data_pieces.append("\n".join(self._data))
+                self._data = []
         elif field == "event":
             self._event_type = value
         elif field == "id":
@@ -118,12 +125,13 @@ class SSEParser:
 
     def _dispatch(self, events: list[Event]) -> None:
         self.last_event_id = self._id_buffer
-        if self._data:
+        if self._data or self._data_pieces:
             # Joining the data lines is the spec's "append value and LF, then drop the last LF".
             event_type = self._event_type or "message"
-            data = "\n".join(self._data)
+            data = "\n".join([*self._data_pieces, *self._data])
             events.append(Event(event_type, data, self._block_id, self.last_event_id))
         self._data = []
+        self._data_pieces = []
         self._data_size = 0
         self._event_type = ""
         self._block_id = None
