@@ -13,6 +13,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.datastructures import State
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -280,6 +281,12 @@ async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await response(scope, receive, send)
 
 
+async def http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own refusals (unknown route, wrong method, missing static file) as JSON too."""
+    assert isinstance(exc, HTTPException)
+    return error(exc.status_code, exc.detail, dict(exc.headers or {}))
+
+
 class RelayApp:
     """The Starlette app, except for `/v1/events`, which skips Starlette's routing and middleware.
 
@@ -329,6 +336,10 @@ def create_app(settings: Settings) -> RelayApp:
         Route("/", board, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ]
-    return RelayApp(
-        Starlette(routes=routes, middleware=_cors(settings), lifespan=lifespan), settings
+    app = Starlette(
+        routes=routes,
+        middleware=_cors(settings),
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error},
     )
+    return RelayApp(app, settings)

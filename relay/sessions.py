@@ -52,8 +52,9 @@ class SessionSource(Protocol):
 
 
 def describe_http_error(exc: httpx.HTTPError) -> str:
-    """What went wrong, safe to log: httpx's local protocol errors can quote our own headers."""
-    if isinstance(exc, httpx.LocalProtocolError):
+    """What went wrong, safe to log: protocol errors, ours or the upstream's, can quote the bytes
+    on the wire (our own headers, or whatever a broken upstream echoed), so only their kind."""
+    if isinstance(exc, httpx.ProtocolError):
         return type(exc).__name__
     return f"{type(exc).__name__} {exc}".strip()
 

@@ -58,6 +58,7 @@ from relay.sessions import (
 from relay.sse import Event, LineTooLong, SSEParser
 
 log = structlog.get_logger(__name__)
+RESERVED_PREFIX = "relay."  # relay.upstream, relay.reset: the relay's own events
 
 _AUTH_FAILURES_BEFORE_UNAUTHORIZED = 3  # as DialStack's own SDK gives up
 _STABLE_SECONDS = 60.0
@@ -183,6 +184,7 @@ class AccountUpstream:
         self._session_refresh_at: float | None = None
         self._auth_failures = 0
         self._warned_invalid_json = False
+        self._warned_reserved = False
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -285,7 +287,10 @@ class AccountUpstream:
                         rotate_at = self._rotation_deadline(stream)
                     elif stream is candidate:
                         handover_at = now + _GRACE_SECONDS
-                if event.type != "connected":
+                if event.type == "connected" or event.type.startswith(RESERVED_PREFIX):
+                    # The relay's own names: an upstream must not speak for the relay.
+                    self._warn_reserved(event.type)
+                else:
                     stream.received += 1
                     await self._forward(stream, event)
             elif message.stream is candidate:
@@ -321,6 +326,11 @@ class AccountUpstream:
                 return await self._inbox.get()
         except TimeoutError:
             return None
+
+    def _warn_reserved(self, event_type: str) -> None:
+        if event_type != "connected" and not self._warned_reserved:
+            self._warned_reserved = True
+            log.warning("upstream event with a relay.* name dropped", account=self.account_id)
 
     async def _forward(self, stream: _Stream, event: Event) -> None:
         overlap = self._overlap

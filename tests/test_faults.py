@@ -468,11 +468,6 @@ def chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/sessions.py describe_http_error passes h11's RemoteProtocolError text, which "
-    "quotes the offending upstream bytes, into the log line and into relay.upstream's detail",
-)
 async def test_protocol_errors_quoting_upstream_bytes_keep_the_secret_out_of_logs_and_streams(
     http: httpx.AsyncClient, tmp_path: Path
 ) -> None:
@@ -536,11 +531,6 @@ async def test_upstream_line_breaks_and_fields_cannot_add_fields_to_the_client_s
             assert line[7:].decode() in {e.type for e in client.events}, line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/upstream.py AccountUpstream._forward drops only the upstream's `connected`; "
-    "events named relay.* reach clients as if the relay sent them (webhooks refuse those names)",
-)
 async def test_an_upstream_cannot_pose_as_the_relay(http: httpx.AsyncClient) -> None:
     spoofed = b"".join(
         b'event: %s\ndata: {"spoofed": true, "state": "connected"}\n\n' % name

@@ -325,11 +325,6 @@ async def test_minting_tokens_from_any_body_is_200_or_400(relay: DemoStack, body
     assert_documented(answer, {200, 400})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/app.py create_app leaves Starlette's default 404 and 405 answers (and StaticFiles' "
-    "404) in text/plain, not the JSON error of every other refusal",
-)
 async def test_unknown_routes_and_methods_answer_a_json_error(relay: DemoStack) -> None:
     for method, path in [
         ("POST", "/v1/events"),  # the relay's own 405: JSON
