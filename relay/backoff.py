@@ -41,17 +41,25 @@ class Backoff:
         self._attempt = 0
 
 
+# An upstream asking for a longer pause (a misconfigured proxy's `Retry-After: 86400`, a date years
+# ahead) would otherwise leave the account without events for that long; five minutes is past any
+# rate-limit window DialStack documents, and the relay asks again after it.
+MAX_RETRY_AFTER_SECONDS = 300.0
+
+
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a `Retry-After` value (delay-seconds or an HTTP date); None if unusable."""
+    """Seconds to wait from a `Retry-After` value (delay-seconds or an HTTP date), at most
+    MAX_RETRY_AFTER_SECONDS; None if unusable."""
     if value is None:
         return None
     value = value.strip()
     if value.isascii() and value.isdigit():
-        return float(value)
+        return min(float(value), MAX_RETRY_AFTER_SECONDS)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+    wait = (when - (now or datetime.now(UTC))).total_seconds()
+    return min(max(0.0, wait), MAX_RETRY_AFTER_SECONDS)

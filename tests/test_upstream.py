@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from relay.backoff import Backoff, parse_retry_after
+from relay.backoff import MAX_RETRY_AFTER_SECONDS, Backoff, parse_retry_after
 from relay.channel import Incoming, UpstreamState, UpstreamStatus
 from relay.config import Settings
 from relay.serving import running_server
@@ -521,6 +521,15 @@ def test_retry_after_values() -> None:
     assert parse_retry_after("-3") is None
     later = (now + timedelta(seconds=30)).strftime("%a, %d %b %Y %H:%M:%S GMT")
     assert parse_retry_after(later, now) == 30.0
+
+
+def test_retry_after_is_capped_so_an_upstream_cannot_park_an_account_for_days() -> None:
+    now = datetime(2030, 1, 1, 12, 0, 0, tzinfo=UTC)
+    assert parse_retry_after("300") == MAX_RETRY_AFTER_SECONDS == 300.0
+    assert parse_retry_after("86400") == MAX_RETRY_AFTER_SECONDS
+    assert parse_retry_after("9" * 400) == MAX_RETRY_AFTER_SECONDS  # no overflow either
+    assert parse_retry_after("Fri, 01 Jan 2100 00:00:00 GMT", now) == MAX_RETRY_AFTER_SECONDS
+    assert parse_retry_after("Tue, 01 Jan 99999 12:00:05 GMT", now) is None
 
 
 # -- guard rails ----------------------------------------------------------------------------------
