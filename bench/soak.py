@@ -252,15 +252,19 @@ class RawClient:
         *,
         last_event_id: str | None = None,
         source: str | None = None,
+        forwarded_for: str | None = None,
     ) -> RawClient:
-        """Sends the request and reads the response head; `source` binds another loopback address."""
+        """Sends the request and reads the response head; `source` binds another loopback address,
+        `forwarded_for` sends it as X-Forwarded-For."""
         host, port = url.removeprefix("http://").rsplit(":", 1)
         local = (source, 0) if source is not None else None
         reader, writer = await asyncio.open_connection(host, int(port), local_addr=local)
-        resume = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        extra = f"Last-Event-ID: {last_event_id}\r\n" if last_event_id else ""
+        if forwarded_for is not None:
+            extra += f"X-Forwarded-For: {forwarded_for}\r\n"
         writer.write(
             f"GET /v1/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
-            f"Accept: text/event-stream\r\n{resume}\r\n".encode()
+            f"Accept: text/event-stream\r\n{extra}\r\n".encode()
         )
         client = cls(reader, writer)
         try:

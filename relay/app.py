@@ -110,6 +110,7 @@ async def events(request: Request) -> Response | SubscriberStream:
             events=grant.narrowed(requested),
             user_id=grant.user_id,
             last_event_id=last_event_id,
+            peer=request.client.host if request.client is not None else None,
         )
     except Full as exc:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after)})

@@ -7,6 +7,7 @@ Everything is validated up front so a bad config never starts half a server: `lo
 from __future__ import annotations
 
 import contextvars
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -52,8 +53,26 @@ class ServerSettings(_Section):
     heartbeat_seconds: float = Field(default=15.0, gt=0, le=3600)
     max_clients: int = Field(default=10_000, ge=1)
     max_clients_per_account: int = Field(default=1_000, ge=1)
+    max_clients_per_ip: int = Field(default=1_000, ge=1)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (uvicorn's forwarded_allow_ips):
+    # behind them, the client address that max_clients_per_ip counts is the forwarded one.
+    trusted_proxies: list[str] = Field(default_factory=lambda: ["127.0.0.1"])
     client_retry_ms: int = Field(default=3_000, ge=0, le=600_000)
     client_buffer_events: int = Field(default=256, ge=1, le=1_000_000)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxies_are_addresses(cls, proxies: list[str]) -> list[str]:
+        for proxy in proxies:
+            if proxy == "*":
+                continue
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(
+                    f"{proxy!r} is not an IP address or network; use e.g. 10.0.0.5, 10.0.0.0/8 or '*'"
+                ) from None
+        return proxies
 
     @field_validator("cors_origins")
     @classmethod

@@ -77,7 +77,9 @@ async def demo_stack(
         issuer = TokenIssuer(
             settings.auth.secret.get_secret_value(), settings.auth.max_token_ttl_seconds
         )
-        async with running_server(create_app(settings), host, port) as relay_url:
+        async with running_server(
+            create_app(settings), host, port, trusted_proxies=settings.server.trusted_proxies
+        ) as relay_url:
             yield DemoStack(relay_url, simulator_url, simulator, settings, issuer)
 
 

@@ -56,6 +56,7 @@ class Full(Exception):
 class Limits:
     max_clients: int
     max_clients_per_account: int
+    max_clients_per_ip: int
     client_buffer_events: int
 
 
@@ -104,6 +105,7 @@ class Hub:
         self._clock = clock
         self._accounts: dict[str, set[Subscriber]] = {}
         self._count = 0
+        self._per_peer: dict[str, int] = {}  # open streams by client address
         # Set while no client is connected: the graceful drain waits on it.
         self.emptied = asyncio.Event()
         self.emptied.set()
@@ -199,18 +201,24 @@ class Hub:
         events: frozenset[str] | None,
         user_id: str | None,
         last_event_id: str | None,
+        peer: str | None = None,
     ) -> Opened:
-        """Admit a client; raises Full past a limit. Replay and live are handed over gap- and repeat-free."""
+        """Admit a client from address `peer`; raises Full past a limit. Replay and live are handed
+        over gap- and repeat-free."""
         if self._count >= self._limits.max_clients:
             self._metrics.rejected.labels("max_clients").inc()
             raise Full("the relay is at max_clients", retry_after=5)
         if len(self._accounts.get(account_id, ())) >= self._limits.max_clients_per_account:
             self._metrics.rejected.labels("max_clients_per_account").inc()
             raise Full("this account is at max_clients_per_account", retry_after=5)
+        if peer is not None and self._per_peer.get(peer, 0) >= self._limits.max_clients_per_ip:
+            self._metrics.rejected.labels("max_clients_per_ip").inc()
+            raise Full("this address is at max_clients_per_ip", retry_after=5)
         subscriber = Subscriber(
             account_id,
             events=events,
             user_id=user_id,
+            peer=peer,
             capacity=self._limits.client_buffer_events,
             on_cut=self._cut,
         )
@@ -242,6 +250,8 @@ class Hub:
                 self.demand.acquire(subscriber.account_id)
         account.add(subscriber)
         self._count += 1
+        if subscriber.peer is not None:
+            self._per_peer[subscriber.peer] = self._per_peer.get(subscriber.peer, 0) + 1
         self.emptied.clear()
         self._metrics.clients.set(self._count)
 
@@ -251,6 +261,11 @@ class Hub:
             return
         account.discard(subscriber)
         self._count -= 1
+        if subscriber.peer is not None:
+            if (left := self._per_peer[subscriber.peer] - 1) > 0:
+                self._per_peer[subscriber.peer] = left
+            else:
+                del self._per_peer[subscriber.peer]
         if not self._count:
             self.emptied.set()
         self._metrics.clients.set(self._count)

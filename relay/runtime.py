@@ -68,7 +68,12 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
     server = settings.server
     hub = Hub(
         broker,
-        Limits(server.max_clients, server.max_clients_per_account, server.client_buffer_events),
+        Limits(
+            server.max_clients,
+            server.max_clients_per_account,
+            server.max_clients_per_ip,
+            server.client_buffer_events,
+        ),
         metrics,
     )
     timeout = httpx.Timeout(settings.upstream.connect_timeout_seconds, read=None)

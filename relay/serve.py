@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import signal
 
-import uvicorn
-
 from relay.app import create_app
 from relay.config import Settings
 from relay.logs import configure_logging
-from relay.serving import DrainingServer
+from relay.serving import DrainingServer, uvicorn_config
 
 
 def serve(settings: Settings) -> int:
     configure_logging()
     app = create_app(settings)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
+        trusted_proxies=settings.server.trusted_proxies,
         host=settings.server.host,
         port=settings.server.port,
-        loop="uvloop",
-        http="httptools",
-        log_config=None,
         access_log=True,
         timeout_graceful_shutdown=10,
     )

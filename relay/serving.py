@@ -12,10 +12,12 @@ import contextlib
 import signal
 import socket
 from collections.abc import AsyncIterator
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from relay.http_protocol import RelayHttpProtocol
 
 
 @runtime_checkable
@@ -36,6 +38,23 @@ class DrainingServer(uvicorn.Server):
         if self._drainable is not None:
             await self._drainable.drain()
         await super().shutdown(sockets)
+
+
+def uvicorn_config(
+    app: ASGIApp, *, trusted_proxies: list[str] | None = None, **options: Any
+) -> uvicorn.Config:
+    """How the relay runs under uvicorn everywhere: uvloop, httptools with a head cap and abort
+    (relay/http_protocol.py), no logging config of uvicorn's own (relay/logs.py owns it), and the
+    client address taken from X-Forwarded-For only when the peer is a trusted proxy."""
+    return uvicorn.Config(
+        app,
+        loop="uvloop",
+        http=RelayHttpProtocol,
+        log_config=None,
+        proxy_headers=True,
+        forwarded_allow_ips=trusted_proxies,
+        **options,
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -62,12 +81,13 @@ async def running_server(
     *,
     access_log: bool = False,
     shutdown_timeout: int = 5,
+    trusted_proxies: list[str] | None = None,
 ) -> AsyncIterator[str]:
     """Serve `app` until the block exits; yields the base URL (``http://host:port``)."""
     sock = bind_socket(host, port)
-    config = uvicorn.Config(
+    config = uvicorn_config(
         app,
-        log_config=None,
+        trusted_proxies=trusted_proxies,
         access_log=access_log,
         lifespan="on",
         timeout_graceful_shutdown=shutdown_timeout,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from starlette.types import Receive, Scope, Send
 
 from relay.channel import UpstreamStatus
+from relay.http_protocol import abort_of
 from relay.hub import Opened, reset_frame, upstream_frame
 from relay.sse import encode_event
 from relay.subscriber import CutReason, Subscriber
@@ -73,6 +74,10 @@ class SubscriberStream:
             if watcher is not None:
                 watcher.cancel()
             self._on_close(subscriber)
+        if subscriber.cut_reason is CutReason.SLOW and (abort := abort_of(scope)) is not None:
+            # Its unsent bytes would keep the connection open for as long as the client holds it.
+            abort()
+            await asyncio.sleep(0)  # the server sees the connection lost before the app returns
 
     async def _flush_until_end(self, send: Send) -> None:
         subscriber = self._subscriber
@@ -95,5 +100,5 @@ class SubscriberStream:
                 and task is not None
                 and task.uncancel() == 0
             ):
-                return  # cut while its socket was backed up: leave; uvicorn closes the connection
+                return  # cut while its socket was backed up: leave, and abort the connection
             raise

@@ -34,6 +34,7 @@ class Subscriber:
         "events",
         "frames",
         "on_cut",
+        "peer",
         "pending",
         "replay_bound",
         "send",
@@ -50,8 +51,10 @@ class Subscriber:
         user_id: str | None,
         capacity: int,
         on_cut: Callable[[Subscriber], None],
+        peer: str | None = None,
     ) -> None:
         self.account_id = account_id
+        self.peer = peer  # the client's address, for max_clients_per_ip
         self.events = events
         self.user_id = user_id
         self.capacity = capacity

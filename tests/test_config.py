@@ -71,6 +71,8 @@ def test_environment_overrides_file_and_flags_override_environment(
         ("[[accounts]]\nid = 'bob'\n", "accounts.0.id"),
         ("[webhooks]\nenabled = true\n", "webhooks.secret"),
         ("[server]\ncors_origins = ['https://a.example/path']\n", "server.cors_origins"),
+        ("[server]\ntrusted_proxies = ['nginx.internal']\n", "server.trusted_proxies"),
+        ("[server]\nmax_clients_per_ip = 0\n", "server.max_clients_per_ip"),
         ("[server\nport = 1\n", "not valid TOML"),
     ],
 )

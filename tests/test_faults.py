@@ -732,12 +732,6 @@ async def test_clients_that_never_read_are_cut_without_costing_the_reader_anythi
     print(f"{sent} events of 64 KiB, 150 stalled clients: {empty} -> {rounds}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay/stream.py ends a slow client's response and leaves the socket to uvicorn, whose "
-    "transport.close() waits for its unsent bytes: the connection stays open as long as the "
-    "client keeps it, outside max_clients",
-)
 @in_fleet_loop
 async def test_a_cut_client_that_keeps_its_socket_open_does_not_keep_a_connection(
     fleet: Fleet,

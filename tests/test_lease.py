@@ -93,7 +93,7 @@ async def process(
     redis: RedisServer, lease_seconds: float = 0.6, linger_seconds: float = 0.0
 ) -> AsyncIterator[Process]:
     broker = RedisBroker(redis.url, ReplaySettings())
-    hub = Hub(broker, Limits(10, 10, 10), Metrics())
+    hub = Hub(broker, Limits(10, 10, 10, 10), Metrics())
     token = process_token()
     states = UpstreamStates(broker.redis, hub, token)
     upstreams = FakeUpstreams()

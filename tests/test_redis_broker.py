@@ -192,7 +192,7 @@ async def test_a_resuming_subscriber_gets_replay_then_live_without_gap_or_repeat
 ) -> None:
     """Events keep arriving from another process while the subscriber's replay is fetched."""
     async with broker(server) as writer, broker(server) as local:
-        hub = Hub(local, Limits(100, 100, 10_000), Metrics())
+        hub = Hub(local, Limits(100, 100, 100, 10_000), Metrics())
         before = await publish_all(writer, 10)
         publishing = asyncio.create_task(publish_all(writer, 200, start=10))
         await asyncio.sleep(0)
@@ -288,7 +288,7 @@ async def test_a_lease_lost_in_a_redis_restart_is_left_to_its_holder_for_a_lease
     await holder.hset(upstream_key(ACCT), "holder", "holder:1:abcd")
     settings = Settings.model_validate({"broker": {"lease_seconds": lease_seconds}})
     async with broker(server) as other:
-        hub = Hub(other, Limits(10, 10, 10), Metrics())
+        hub = Hub(other, Limits(10, 10, 10, 10), Metrics())
         token = process_token()
         states = UpstreamStates(other.redis, hub, token)
         upstreams = OpenedUpstreams()

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 from streams import Stream, open_stream, upstream_connected
 
 from bench.soak import RawClient, free_port, relay_process, toml
@@ -288,22 +287,52 @@ async def test_client_limits_hold_under_a_concurrent_rush_and_free_up_after(
                 await asyncio.sleep(0.05)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="no per-IP limit exists (relay/hub.py admits by max_clients and "
-    "max_clients_per_account only): one address can take every slot and lock everyone out",
-)
-async def test_one_address_cannot_take_every_client_slot(http: httpx.AsyncClient) -> None:
-    async with stack(server={"max_clients": 20}) as s:
+async def test_one_address_cannot_take_every_client_slot() -> None:
+    async with stack(server={"max_clients": 20, "max_clients_per_ip": 8}) as s:
         hog = await asyncio.gather(
-            *(RawClient.connect(s.relay_url, s.token(), source="127.0.0.1") for _ in range(20))
+            *(RawClient.connect(s.relay_url, s.token(), source="127.0.0.2") for _ in range(12))
         )
+        others = []
         try:
-            other = await RawClient.connect(s.relay_url, s.token(), source="127.0.0.2")
-            other.close()
-            assert other.status == 200
+            assert sorted(c.status for c in hog) == [200] * 8 + [429] * 4
+            refused = next(c for c in hog if c.status == 429)
+            assert b"retry-after: 5" in refused.head.lower()
+            others = [
+                await RawClient.connect(s.relay_url, s.token(), source=f"127.0.0.{n}")
+                for n in (3, 4)
+            ]
+            assert [c.status for c in others] == [200, 200]
         finally:
-            for client in hog:
+            for client in hog + others:
+                client.close()
+        async with asyncio.timeout(5):  # the address's slots come back once its clients leave
+            while True:
+                again = await RawClient.connect(s.relay_url, s.token(), source="127.0.0.2")
+                again.close()
+                if again.status == 200:
+                    break
+                await asyncio.sleep(0.05)
+
+
+async def test_the_per_address_limit_believes_x_forwarded_for_only_from_a_trusted_proxy() -> None:
+    proxy, stranger = "127.0.0.5", "127.0.0.6"
+    async with stack(server={"max_clients_per_ip": 2, "trusted_proxies": [proxy]}) as s:
+        connect = functools.partial(RawClient.connect, s.relay_url)
+        # Behind the proxy, each forwarded address has its own two slots ...
+        behind = [
+            await connect(s.token(), source=proxy, forwarded_for=f"203.0.113.{n % 3}")
+            for n in range(6)
+        ]
+        # ... while a stranger's X-Forwarded-For is ignored: it is one address, whatever it claims.
+        spoofed = [
+            await connect(s.token(), source=stranger, forwarded_for=f"198.51.100.{n}")
+            for n in range(4)
+        ]
+        try:
+            assert [c.status for c in behind] == [200] * 6
+            assert [c.status for c in spoofed] == [200, 200, 429, 429]
+        finally:
+            for client in behind + spoofed:
                 client.close()
 
 
@@ -514,23 +543,37 @@ async def test_webhook_signatures_admin_keys_and_tokens_never_reach_the_logs(
 # -- oversized requests ----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="uvicorn's httptools parser sets no limit on the request head and relay/serve.py can set "
-    "none (uvicorn only has h11_max_incomplete_event_size, for h11): a client can make the relay "
-    "buffer a header of any size",
-)
-async def test_a_request_head_of_a_megabyte_is_refused_before_it_is_buffered() -> None:
+async def send_head(url: str, head: str) -> tuple[int, bytes]:
+    """Writes a raw request head; the status and body of the answer."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(head.encode())
+        async with asyncio.timeout(5):
+            answer = await reader.readuntil(b"\r\n\r\n")
+            length = re.search(rb"content-length: (\d+)", answer.lower())
+            body = await reader.readexactly(int(length[1])) if length else b""
+    finally:
+        writer.close()
+    return int(answer.split(b" ")[1]), body
+
+
+async def test_a_request_head_over_64_kib_is_refused_before_it_is_buffered() -> None:
     async with stack() as s:
-        host, port = s.relay_url.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            writer.write(
-                f"GET /v1/events HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {s.token()}\r\n"
-                f"X-Pad: {'x' * 2**20}\r\n\r\n".encode()
-            )
-            async with asyncio.timeout(5):
-                head = await reader.readuntil(b"\r\n\r\n")
-        finally:
-            writer.close()
-        assert head.split(b" ")[1] in (b"400", b"431"), head
+        start = f"GET /v1/events HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {s.token()}\r\n"
+        oversized = {
+            "one 1 MiB header": f"{start}X-Pad: {'x' * 2**20}\r\n\r\n",
+            "20,000 small headers": start + "X-A: bbbbbbbbbbbbbbbb\r\n" * 20_000 + "\r\n",
+            "a 1 MiB URL": f"GET /v1/events?{'a=1&' * 2**18} HTTP/1.1\r\nHost: relay\r\n\r\n",
+            "a 1 MiB cookie": f"{start}Cookie: relay_token={'x' * 2**20}\r\n\r\n",
+        }
+        for name, head in oversized.items():
+            status, body = await send_head(s.relay_url, head)
+            assert status == 431, name
+            assert "larger than 65536 bytes" in json.loads(body)["error"], name
+        # A large but reasonable head (a 40 KB X-Forwarded-For chain) still opens the stream.
+        client = await RawClient.connect(
+            s.relay_url, s.token(), forwarded_for="203.0.113.1, " + "10.0.0.1, " * 4_000
+        )
+        client.close()
+        assert client.status == 200
