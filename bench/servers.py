@@ -123,7 +123,8 @@ def server(
         config.write_text(
             "[server]\n"
             f'host = "{host}"\nport = {port}\n'
-            f"max_clients = {MAX_CLIENTS}\nmax_clients_per_account = {MAX_CLIENTS}\n\n"
+            f"max_clients = {MAX_CLIENTS}\nmax_clients_per_account = {MAX_CLIENTS}\n"
+            f"max_clients_per_ip = {MAX_CLIENTS}\n\n"  # each load worker is one address
             "[upstream]\n"
             f'base_url = "{upstream_url}"\nsecret_key = "{DEFAULT_SECRET_KEY}"\n'
         )
