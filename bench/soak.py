@@ -39,6 +39,7 @@ from relay.app import create_app
 from relay.auth import TokenIssuer
 from relay.config import load_settings, require_serving
 from relay.logs import configure_logging
+from relay.serve import tune_garbage_collector
 from relay.serving import running_server, until_stop_signal
 from relay.simulator import DEFAULT_SECRET_KEY, Simulator
 from relay.sse import Event, SSEParser
@@ -184,6 +185,7 @@ async def relay_process(
 async def _serve_relay(config: Path) -> None:
     settings = load_settings(config)
     require_serving(settings)
+    tune_garbage_collector()  # as `relay serve` does
     async with running_server(create_app(settings), settings.server.host, settings.server.port):
 
         async def report_tasks() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import signal
 
 from relay.app import create_app
@@ -24,8 +25,20 @@ def serve(settings: Settings) -> int:
     # uvicorn re-raises the SIGTERM it handled once it has shut down; the handler it then restores
     # is this one, so a drained relay exits 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, _exit_cleanly)
+    tune_garbage_collector()
     DrainingServer(config, app).run()
     return 0
+
+
+def tune_garbage_collector() -> None:
+    """Each connection allocates a few hundred container objects that live as long as it does;
+    with CPython's default thresholds (a young collection every 700 allocations) 10,000 clients
+    connecting spent about a third of the relay's CPU in the cycle collector. What the start-up
+    loaded is frozen out of every collection, and young collections run every 50,000 allocations:
+    the cyclic garbage between two (abandoned tasks, exceptions) stays a few megabytes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:
