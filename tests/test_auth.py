@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 
@@ -22,6 +24,14 @@ def b64(data: dict[str, object]) -> str:
 
 def signed(claims: dict[str, object], key: str = SECRET, **kwargs: object) -> str:
     return jwt.encode(claims, key, algorithm="HS256", **kwargs)  # type: ignore[arg-type]
+
+
+def signed_raw(claims: str) -> str:
+    """A correctly signed token around claims JSON that json.dumps would not write."""
+    head = b64({"alg": "HS256", "typ": "JWT"})
+    body = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=").decode()
+    mac = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
 def soon() -> int:
@@ -57,6 +67,13 @@ def test_issued_token_round_trips() -> None:
             jwt.encode({"account_id": "acct_1", "exp": soon()}, SECRET, algorithm="HS512"),
             "not valid",
         ),
+        (signed({"account_id": "acct_1", "exp": soon(), "iat": soon()}), "not yet valid"),
+        (signed({"account_id": "acct_1", "exp": soon(), "aud": "someone"}), "not valid"),
+        (signed({"account_id": "acct_1", "exp": soon(), "iat": "0"}), "iat"),
+        (signed_raw('{"account_id": "acct_1", "exp": NaN}'), "exp"),
+        (signed_raw('{"account_id": "acct_1", "exp": Infinity}'), "exp"),
+        (signed_raw(f'{{"account_id": "acct_1", "exp": {soon()}, "nbf": NaN}}'), "nbf"),
+        (signed_raw('["acct_1"]'), "not valid"),
         ("not-a-jwt", "not valid"),
         ("a" * 10_000, "too large"),
     ],
@@ -72,6 +89,13 @@ def test_issued_token_round_trips() -> None:
         "user-not-string",
         "alg-none",
         "other-algorithm",
+        "iat-in-the-future",
+        "audience",
+        "iat-a-string",
+        "exp-nan",
+        "exp-infinity",
+        "nbf-nan",
+        "claims-not-an-object",
         "garbage",
         "huge",
     ],
