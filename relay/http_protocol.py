@@ -1,26 +1,30 @@
-"""uvicorn's httptools protocol with the two things the relay needs and uvicorn lacks.
+"""uvicorn's httptools protocol with what the relay needs and uvicorn lacks.
 
 - A cap on the request head. httptools buffers a header line of any length (uvicorn has a limit for
   h11 only), so one client could make the relay hold megabytes per connection; past `MAX_HEAD_BYTES`
   the request gets a JSON 431 and the connection is closed.
-- A way to abort. ASGI can only end a response, and uvicorn then closes the transport, which waits
-  until the unsent bytes are written: a cut client that keeps its socket open and never reads would
-  keep the connection forever. The scope's `relay.abort` extension drops it at once (TCP reset).
+- The `relay.connection` scope extension (`connection_of(scope)`): `abort()`, since ASGI can only end
+  a response and uvicorn's close then waits for the unsent bytes, so a cut client that keeps its
+  socket and never reads would keep the connection forever (abort drops the unsent bytes); and a `lost` callback, so a stream
+  learns that its client went away without a task parked in `receive()` for it.
+- The response head and the first body part leave in one write. uvicorn writes each ASGI message
+  at once: for an event stream that is two packets and two wake-ups of the client per connection.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 from starlette.types import Scope
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEAD_BYTES = (
     64 * 1024
 )  # request line and headers; a token is < 1 KiB, browsers cap cookies near 8 KiB
-ABORT_EXTENSION = "relay.abort"
+CONNECTION_EXTENSION = "relay.connection"
 
 _431_BODY = json.dumps(
     {"error": f"the request head is larger than {MAX_HEAD_BYTES} bytes; send smaller headers"}
@@ -33,19 +37,87 @@ _431 = (
 )
 
 
+class Connection:
+    """One request's view of its connection, beyond ASGI."""
+
+    __slots__ = ("_transport", "is_lost", "lost")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self.is_lost = False
+        self.lost: Callable[[], None] | None = None  # called once the client has gone
+
+    def abort(self) -> None:
+        """Close the socket now, dropping what is still unsent."""
+        self._transport.abort()
+
+
+def connection_of(scope: Scope) -> Connection | None:
+    """The request's connection, when the server is this protocol."""
+    extension = scope.get("extensions", {}).get(CONNECTION_EXTENSION)
+    return cast(Connection, extension["connection"]) if extension else None
+
+
+class _HeadWithFirstBody:
+    """Stands in for the transport of one request/response cycle until its head has left.
+
+    uvicorn marks the response started just before writing the head, which is how the head is told
+    from a `100 Continue`. The head is held until the next write joins it, or until the end of the
+    loop iteration (a response that sends nothing more yet), and any other use lets it go first.
+    """
+
+    def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
+        self._cycle = cycle
+        self._transport = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data = self._head + data
+        elif self._cycle.response_started:
+            self._head = data
+            asyncio.get_running_loop().call_soon(self._release)
+            return
+        self._done()
+        self._transport.write(data)
+
+    def _release(self) -> None:
+        head = self._head
+        if head is not None:
+            self._done()
+            self._transport.write(head)
+
+    def _done(self) -> None:
+        self._head = None
+        self._cycle.transport = self._transport
+
+    def close(self) -> None:
+        self._release()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class RelayHttpProtocol(HttpToolsProtocol):
     _in_head = True  # until the first request's headers are complete
     _head_bytes = 0
+    _connection: Connection | None = None
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        self.scope["extensions"] = {ABORT_EXTENSION: {"abort": self.transport.abort}}
+        self._connection = Connection(self.transport)
+        self.scope["extensions"] = {CONNECTION_EXTENSION: {"connection": self._connection}}
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        previous = self.cycle
         super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not previous and cycle is not None:
+            cycle.transport = _HeadWithFirstBody(cycle, self.transport)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -57,8 +129,10 @@ class RelayHttpProtocol(HttpToolsProtocol):
             self.transport.write(_431)
             self.transport.close()
 
-
-def abort_of(scope: Scope) -> Callable[[], None] | None:
-    """The connection's abort, when the server is this protocol."""
-    extension = scope.get("extensions", {}).get(ABORT_EXTENSION)
-    return cast("Callable[[], None]", extension["abort"]) if extension else None
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        connection = self._connection
+        if connection is not None and not connection.is_lost:
+            connection.is_lost = True
+            if connection.lost is not None:
+                connection.lost()

@@ -8,13 +8,14 @@ stream, and one small watcher task notices the client going away.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
 
 from relay.channel import UpstreamStatus
-from relay.http_protocol import abort_of
+from relay.http_protocol import connection_of
 from relay.hub import Opened, reset_frame, upstream_frame
 from relay.sse import encode_event
 from relay.subscriber import CutReason, Subscriber
@@ -27,6 +28,7 @@ STREAM_HEADERS = {
 _RAW_HEADERS = [(k.lower().encode(), v.encode()) for k, v in STREAM_HEADERS.items()]
 
 
+@functools.lru_cache(maxsize=4096)  # the same for every client of an account: encoded once
 def connected_frame(account_id: str, retry_ms: int) -> bytes:
     payload = {"message": "Connected to event stream", "account_id": account_id, "via": "relay"}
     return encode_event(json.dumps(payload), event="connected", retry_ms=retry_ms)
@@ -62,21 +64,29 @@ class SubscriberStream:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         subscriber = self._subscriber
+        connection = connection_of(scope)
         watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
             await send(_body(self._first))
-            watcher = asyncio.create_task(_until_disconnect(receive))
-            watcher.add_done_callback(lambda _: subscriber.cut(CutReason.CLOSED))
+            if connection is not None:  # the relay's own server says when the client goes
+                connection.lost = lambda: subscriber.cut(CutReason.CLOSED)
+                if connection.is_lost:
+                    subscriber.cut(CutReason.CLOSED)
+            else:  # any other ASGI server: a task waits for http.disconnect
+                watcher = asyncio.create_task(_until_disconnect(receive))
+                watcher.add_done_callback(lambda _: subscriber.cut(CutReason.CLOSED))
             subscriber.attach(send)
             await self._flush_until_end(send)
         finally:
             if watcher is not None:
                 watcher.cancel()
+            if connection is not None:
+                connection.lost = None
             self._on_close(subscriber)
-        if subscriber.cut_reason is CutReason.SLOW and (abort := abort_of(scope)) is not None:
+        if subscriber.cut_reason is CutReason.SLOW and connection is not None:
             # Its unsent bytes would keep the connection open for as long as the client holds it.
-            abort()
+            connection.abort()
             await asyncio.sleep(0)  # the server sees the connection lost before the app returns
 
     async def _flush_until_end(self, send: Send) -> None:

@@ -1,0 +1,162 @@
+"""relay/http_protocol.py: the head cap, the connection extension, and the head sent with the body."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from relay.http_protocol import Connection, _HeadWithFirstBody, connection_of
+from relay.serving import running_server
+
+START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/plain")],
+}
+
+
+@dataclass
+class Recorded:
+    writes: list[bytes] = field(default_factory=list)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.writes.append(b"<closed>")
+
+
+@dataclass
+class Cycle:
+    response_started: bool = False
+    transport: object = None
+
+
+async def test_the_head_waits_for_the_first_body_and_leaves_with_it() -> None:
+    transport, cycle = Recorded(), Cycle()
+    cycle.transport = stand_in = _HeadWithFirstBody(cycle, transport)  # type: ignore[arg-type]
+    stand_in.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # before the response: not held
+    cycle.response_started = True
+    stand_in.write(b"HEAD")
+    assert transport.writes == [b"HTTP/1.1 100 Continue\r\n\r\n"]
+    stand_in.write(b"BODY")
+    assert transport.writes[1:] == [b"HEADBODY"]
+    restored: object = cycle.transport
+    assert restored is transport  # out of the way for every later write
+    await asyncio.sleep(0)  # the scheduled release finds nothing left to send
+    assert transport.writes[1:] == [b"HEADBODY"]
+
+
+async def test_a_held_head_leaves_at_the_end_of_the_loop_turn_or_on_close() -> None:
+    transport, cycle = Recorded(), Cycle(response_started=True)
+    stand_in = _HeadWithFirstBody(cycle, transport)  # type: ignore[arg-type]
+    stand_in.write(b"HEAD")
+    await asyncio.sleep(0)
+    assert transport.writes == [b"HEAD"]
+    transport, cycle = Recorded(), Cycle(response_started=True)
+    stand_in = _HeadWithFirstBody(cycle, transport)  # type: ignore[arg-type]
+    stand_in.write(b"HEAD")
+    stand_in.close()
+    assert transport.writes == [b"HEAD", b"<closed>"]
+
+
+@contextlib.asynccontextmanager
+async def serving(app: ASGIApp) -> AsyncIterator[tuple[str, int]]:
+    async def with_lifespan(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return await app(scope, receive, send)
+        while (await receive())["type"] != "lifespan.shutdown":
+            await send({"type": "lifespan.startup.complete"})
+        await send({"type": "lifespan.shutdown.complete"})
+
+    async with running_server(with_lifespan) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        yield host, int(port)
+
+
+async def read_to_end(reader: asyncio.StreamReader) -> None:
+    while await reader.read(65536):
+        pass
+
+
+async def test_a_response_whose_body_comes_later_sends_its_head_at_once() -> None:
+    release = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START | {"headers": [(b"content-length", b"4")]})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"done"})
+
+    async with serving(app) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 OK")
+        release.set()
+        async with asyncio.timeout(5):
+            assert await reader.readexactly(4) == b"done"
+        writer.close()
+
+
+async def test_expect_100_continue_is_answered_before_the_body_is_sent() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = await receive()
+        await send(START)
+        await send({"type": "http.response.body", "body": body["body"]})
+
+    async with serving(app) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n"
+        )
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 OK")
+            assert b"hello" in await reader.readuntil(b"0\r\n\r\n")
+        writer.close()
+
+
+async def test_the_connection_extension_reports_the_client_leaving_and_can_abort() -> None:
+    connections: asyncio.Queue[Connection] = asyncio.Queue()
+    gone = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        connection = connection_of(scope)
+        assert connection is not None
+        connection.lost = gone.set
+        await connections.put(connection)
+        await send(START)
+        await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+        await gone.wait()
+
+    async with serving(app) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            connection = await connections.get()
+            await reader.readuntil(b"\r\n\r\n")
+        writer.close()  # the client goes: the callback runs, no task had to wait for it
+        async with asyncio.timeout(5):
+            await gone.wait()
+        assert connection.is_lost
+
+        gone.clear()
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            connection = await connections.get()
+            await reader.readuntil(b"\r\n\r\n")
+        connection.abort()  # the socket is closed at once: the client sees the end
+        with contextlib.suppress(ConnectionResetError):
+            await asyncio.wait_for(read_to_end(reader), 5)
+        async with asyncio.timeout(5):
+            await gone.wait()
+        writer.close()
