@@ -22,9 +22,10 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay.auth import COOKIE_NAME, Grant, InvalidToken, admin_key_matches
+from relay.auth import InvalidToken, admin_key_matches
 from relay.channel import UpstreamState
 from relay.config import Settings
+from relay.events_request import EventsRequest, bearer_token
 from relay.hub import Full
 from relay.lease import held_elsewhere
 from relay.runtime import Relay, drain, open_relay
@@ -34,8 +35,7 @@ from relay.webhooks import dialstack_webhook
 
 log = structlog.get_logger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
-_MAX_EVENT_FILTER = 64
-EVENTS_PATH = "/v1/events"  # event types a client may list in ?events=
+EVENTS_PATH = "/v1/events"
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -52,65 +52,36 @@ def runtime(request: Request) -> Relay:
 
 
 def bearer(request: Request) -> str | None:
-    scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    return value.strip() if scheme.lower() == "bearer" and value.strip() else None
+    return bearer_token(request.headers.get("authorization"))
 
 
-def presented_token(request: Request, allow_query: bool) -> str | None:
-    """The subscriber token from the Authorization header, the relay_token cookie, or ?token=."""
-    token = bearer(request) or request.cookies.get(COOKIE_NAME)
-    if token:
-        return token
-    query = request.query_params.get("token")
-    if query is not None and not allow_query:
-        raise InvalidToken("query-string tokens are disabled here (auth.allow_query_token)")
-    return query or None
-
-
-def authenticate(request: Request) -> Grant:
-    relay = runtime(request)
-    token = presented_token(request, relay.settings.auth.allow_query_token)
-    if token is None:
-        raise InvalidToken(
-            "a subscriber token is required (Authorization: Bearer, relay_token cookie or ?token=)"
-        )
-    return relay.verifier.verify(token)
-
-
-def event_filter(request: Request) -> frozenset[str] | None:
-    raw = request.query_params.get("events")
-    if raw is None:
-        return None
-    names = frozenset(name.strip() for name in raw.split(",") if name.strip())
-    if not names or len(names) > _MAX_EVENT_FILTER:
-        raise ValueError(f"events= must list 1 to {_MAX_EVENT_FILTER} event types, comma-separated")
-    return names
-
-
-async def events(request: Request) -> Response | SubscriberStream:
-    relay = runtime(request)
+async def events(relay: Relay, request: EventsRequest) -> Response | SubscriberStream:
     if relay.draining:
         return error(503, "the relay is shutting down; reconnect", {"Retry-After": "1"})
     try:
-        grant = authenticate(request)
+        token = request.token(relay.settings.auth.allow_query_token)
+        if token is None:
+            raise InvalidToken(
+                "a subscriber token is required (Authorization: Bearer, relay_token cookie or "
+                "?token=)"
+            )
+        grant = relay.verifier.verify(token)
     except InvalidToken as exc:
         return unauthorized(str(exc))
     try:
-        requested = event_filter(request)
+        requested = request.event_types()
     except ValueError as exc:
         return error(400, str(exc))
     if request.method == "HEAD":
         return Response(headers=STREAM_HEADERS)
-    last_event_id = request.headers.get("last-event-id") or request.query_params.get(
-        "last_event_id"
-    )
+    last_event_id = request.last_event_id()
     try:
         opened = await relay.hub.subscribe(
             grant.account_id,
             events=grant.narrowed(requested),
             user_id=grant.user_id,
             last_event_id=last_event_id,
-            peer=request.client.host if request.client is not None else None,
+            peer=request.client,
         )
     except Full as exc:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after)})
@@ -274,9 +245,10 @@ def _cors(settings: Settings) -> list[Middleware]:
 
 
 async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
-    request = Request(scope, receive)
+    request = EventsRequest.of(scope)
     if request.method in ("GET", "HEAD"):
-        response: ASGIApp = await events(request)
+        relay: Relay = scope["app"].state.relay
+        response: ASGIApp = await events(relay, request)
     else:
         response = error(405, "use GET", {"Allow": "GET, HEAD"})
     await response(scope, receive, send)

@@ -8,6 +8,7 @@ subscriber without awaiting any of them.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class Opened:
 HEARTBEAT = encode_comment("heartbeat")
 
 
+@functools.lru_cache(maxsize=1024)  # every client connecting while the state holds gets the same
 def upstream_frame(status: UpstreamStatus) -> bytes:
     payload = {
         "state": _CLIENT_STATE.get(status.state, status.state.value),

@@ -79,6 +79,8 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
         )
     )
+    # The renderer shows none of these; gathering them costs a system call per record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
