@@ -13,8 +13,9 @@ import structlog
 
 
 class _AccessLogFilter(logging.Filter):
-    """Drops query strings from access log lines, and the lines of streams that opened: the relay
-    logs those itself ("client connected" / "client disconnected", with the account)."""
+    """For the relay run by plain uvicorn with its access log on (docs/scaling.md): drops query
+    strings from uvicorn's access lines, and the lines of streams that opened, which the relay logs
+    itself. `relay serve` turns uvicorn's access log off; relay/app.py writes its own."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # uvicorn.access records carry (client, method, path_with_query, http_version, status).

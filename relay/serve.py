@@ -19,7 +19,6 @@ def serve(settings: Settings) -> int:
         trusted_proxies=settings.server.trusted_proxies,
         host=settings.server.host,
         port=settings.server.port,
-        access_log=True,
         timeout_graceful_shutdown=10,
     )
     # uvicorn re-raises the SIGTERM it handled once it has shut down; the handler it then restores

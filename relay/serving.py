@@ -51,6 +51,7 @@ def uvicorn_config(
         loop="uvloop",
         http=RelayHttpProtocol,
         log_config=None,
+        access_log=False,  # relay/app.py writes its own, without query strings
         proxy_headers=True,
         forwarded_allow_ips=trusted_proxies,
         **options,
@@ -79,7 +80,6 @@ async def running_server(
     host: str = "127.0.0.1",
     port: int = 0,
     *,
-    access_log: bool = False,
     shutdown_timeout: int = 5,
     trusted_proxies: list[str] | None = None,
 ) -> AsyncIterator[str]:
@@ -88,7 +88,6 @@ async def running_server(
     config = uvicorn_config(
         app,
         trusted_proxies=trusted_proxies,
-        access_log=access_log,
         lifespan="on",
         timeout_graceful_shutdown=shutdown_timeout,
     )

@@ -201,6 +201,9 @@ async def test_logs_never_contain_a_token_or_secret(tmp_path: Path) -> None:
     assert "upstream state" in logs
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     assert lines, "logs are JSON lines when not a terminal"
+    # The relay's own access lines: the refused stream and the admin calls, paths without queries.
+    answered = {(line["path"], line["status"]) for line in lines if line["event"] == "request"}
+    assert {("/v1/events", 401), ("/v1/tokens", 200), ("/v1/status", 200)} <= answered
     assert client_secrets, "the relay fetched at least one session"
     secrets = [
         AUTH_SECRET,
