@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.client import BenchClient, Recorder, SSEConnection
+from bench.floor import cpu_per_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,3 +94,9 @@ async def test_the_bench_client_counts_events_however_the_stream_is_cut(
     assert client.last_event_id == b"17-9"
     assert len(recorder.latencies) == 3
     assert b"Last-Event-ID: 17-9\r\n" in client.request("127.0.0.1", 1)
+
+
+def test_the_write_floor_measures_something() -> None:
+    assert (
+        0 < cpu_per_write(50, rounds=5) < 10_000
+    )  # µs per write: the command runs and reports a figure
