@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import anyio.lowlevel
 import httpx
 import structlog
 
@@ -79,6 +80,10 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
     timeout = httpx.Timeout(settings.upstream.connect_timeout_seconds, read=None)
     # Session requests only: each account's streams have a pool of their own (upstream.py).
     async with httpx.AsyncClient(timeout=timeout) as http:
+        # httpx's transport loads anyio's asyncio backend on its first request: load it during
+        # start-up rather than while the first client waits for its account's upstream (tens of
+        # milliseconds of CPU where no bytecode is cached).
+        await anyio.lowlevel.checkpoint()
 
         def upstreams_for(sink: ChannelSink) -> UpstreamManager:
             return UpstreamManager(settings, sink, session_source_for(settings, http), http)
