@@ -439,7 +439,9 @@ async def test_client_connects_on_first_on_and_off_removes_handlers(
         window.relay.on('call.incoming', window.second);  // once per handler, like addEventListener
         window.relay.on('note', (data) => window.calls.push(['note', data]));
     }""")
-    assert await page.evaluate("[window.relay.state, window.fetches]") == ["connecting", 1]
+    # The first on() opened exactly one connection (which may already be open: it is fast).
+    state, fetches = await page.evaluate("[window.relay.state, window.fetches]")
+    assert (state, fetches) in (("connecting", 1), ("open", 1))
     await page.wait_for_function("window.relay.state === 'open'", timeout=WAIT_MS)
     assert len(streams) == 1
 
