@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import weakref
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -37,19 +38,51 @@ _431 = (
 )
 
 
+def http_chunk(body: bytes) -> bytes:
+    """`body` framed as one chunk of a chunked HTTP/1.1 response."""
+    return b"%x\r\n%b\r\n" % (len(body), body)
+
+
 class Connection:
     """One request's view of its connection, beyond ASGI."""
 
-    __slots__ = ("_transport", "is_lost", "lost")
+    __slots__ = ("_cycle", "_transport", "is_lost", "lost")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
+        # Once the request's headers are in. Weak: the cycle's scope holds this connection, and a
+        # strong reference back would leave every finished request to the cycle collector.
+        self._cycle: weakref.ref[RequestResponseCycle] | None = None
         self.is_lost = False
         self.lost: Callable[[], None] | None = None  # called once the client has gone
+
+    def bind(self, cycle: RequestResponseCycle) -> None:
+        """The protocol's: the request/response cycle this connection now serves."""
+        self._cycle = weakref.ref(cycle)
 
     def abort(self) -> None:
         """Close the socket now, dropping what is still unsent."""
         self._transport.abort()
+
+    def chunk_writer(self) -> Callable[[bytes], bool] | None:
+        """`write_chunk`, while the response is a chunked body under way (an event stream, once
+        its first part is out); None otherwise."""
+        cycle = self._cycle() if self._cycle is not None else None
+        if cycle is None or not cycle.chunked_encoding or cycle.response_complete:
+            return None
+        return self.write_chunk
+
+    def write_chunk(self, chunk: bytes) -> bool:
+        """What uvicorn's `send` of a body part does when it need not wait, for a part framed once
+        for every client (see `http_chunk`): written now, or dropped if the client has gone. False
+        when the socket is backed up and nothing was written: the caller queues the part."""
+        cycle = self._cycle() if self._cycle is not None else None
+        if cycle is None or cycle.disconnected:
+            return True
+        if cycle.flow.write_paused:
+            return False
+        cycle.transport.write(chunk)
+        return True
 
 
 def connection_of(scope: Scope) -> Connection | None:
@@ -67,14 +100,15 @@ class _HeadWithFirstBody:
     """
 
     def __init__(self, cycle: RequestResponseCycle, transport: asyncio.Transport) -> None:
-        self._cycle = cycle
+        self._cycle = weakref.ref(cycle)  # the cycle holds this: no strong reference back
         self._transport = transport
         self._head: bytes | None = None
 
     def write(self, data: bytes) -> None:
+        cycle = self._cycle()
         if self._head is not None:
             data = self._head + data
-        elif self._cycle.response_started:
+        elif cycle is not None and cycle.response_started:
             self._head = data
             asyncio.get_running_loop().call_soon(self._release)
             return
@@ -89,7 +123,8 @@ class _HeadWithFirstBody:
 
     def _done(self) -> None:
         self._head = None
-        self._cycle.transport = self._transport
+        if (cycle := self._cycle()) is not None:
+            cycle.transport = self._transport
 
     def close(self) -> None:
         self._release()
@@ -118,6 +153,8 @@ class RelayHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
             cycle.transport = _HeadWithFirstBody(cycle, self.transport)  # type: ignore[assignment]
+            if self._connection is not None:
+                self._connection.bind(cycle)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

@@ -19,6 +19,7 @@ import structlog
 
 from relay.brokers.base import Broker
 from relay.channel import Incoming, UpstreamState, UpstreamStatus
+from relay.http_protocol import http_chunk
 from relay.metrics import Metrics
 from relay.sse import encode_comment, encode_event
 from relay.stored import Stored, id_key
@@ -71,6 +72,7 @@ class Opened:
 
 
 HEARTBEAT = encode_comment("heartbeat")
+HEARTBEAT_CHUNK = http_chunk(HEARTBEAT)
 
 
 @functools.lru_cache(maxsize=1024)  # every client connecting while the state holds gets the same
@@ -171,15 +173,17 @@ class Hub:
         if not subscribers:
             return
         started = self._clock()
+        # Framed as an HTTP chunk once here, not once per client.
         if len(events) == 1:
+            event, chunk = events[0], http_chunk(events[0].frame)
             for subscriber in tuple(subscribers):
-                subscriber.offer(events[0])
+                subscriber.offer(event, chunk)
         else:
             joined = b"".join(event.frame for event in events)
-            first = events[0].key
+            chunk, first = http_chunk(joined), events[0].key
             for subscriber in tuple(subscribers):
                 if subscriber.takes_all_after(first):
-                    subscriber.push(joined)
+                    subscriber.push(joined, chunk)
                 else:
                     for event in events:
                         subscriber.offer(event)
@@ -296,4 +300,4 @@ class Hub:
             await asyncio.sleep(interval)
             for account in tuple(self._accounts.values()):
                 for subscriber in tuple(account):
-                    subscriber.push(HEARTBEAT)
+                    subscriber.push(HEARTBEAT, HEARTBEAT_CHUNK)

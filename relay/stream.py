@@ -76,7 +76,7 @@ class SubscriberStream:
             else:  # any other ASGI server: a task waits for http.disconnect
                 watcher = asyncio.create_task(_until_disconnect(receive))
                 watcher.add_done_callback(lambda _: subscriber.cut(CutReason.CLOSED))
-            subscriber.attach(send)
+            subscriber.attach(send, connection.chunk_writer() if connection else None)
             await self._flush_until_end(send)
         finally:
             if watcher is not None:

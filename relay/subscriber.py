@@ -16,6 +16,7 @@ from typing import cast
 
 from starlette.types import Send
 
+from relay.http_protocol import http_chunk
 from relay.stored import Stored
 
 
@@ -41,6 +42,7 @@ class Subscriber:
         "task",
         "user_id",
         "wakeup",
+        "write_chunk",
     )
 
     def __init__(
@@ -63,6 +65,8 @@ class Subscriber:
         self.wakeup = asyncio.Event()  # the response task has work: frames to flush, or an end
         self.cut_reason: CutReason | None = None
         self.send: Send | None = None  # set once the stream's opening frames are out
+        # The server's direct writer of pre-framed body chunks (relay/http_protocol.py), if any.
+        self.write_chunk: Callable[[bytes], bool] | None = None
         self.task: asyncio.Task[object] | None = None
         self.blocked = False  # the socket pushed back: frames queue until the task has flushed them
         # Handover from replay to live (Mercure's history/live bound): while the replay is fetched,
@@ -87,7 +91,8 @@ class Subscriber:
             and (self.replay_bound is None or self.replay_bound < key)
         )
 
-    def offer(self, event: Stored) -> None:
+    def offer(self, event: Stored, chunk: bytes | None = None) -> None:
+        """`chunk`: the event's frame as an HTTP chunk, when the caller framed it for everyone."""
         if self.replay_bound is not None and event.key <= self.replay_bound:
             return
         if self.pending is not None:
@@ -96,7 +101,7 @@ class Subscriber:
             else:
                 self.pending.append(event)
         elif self.wants(event):
-            self.push(event.frame)
+            self.push(event.frame, chunk)
 
     def begin_replay(self) -> None:
         self.pending = []
@@ -110,19 +115,25 @@ class Subscriber:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def attach(self, send: Send) -> None:
-        """The opening frames are out: from now on frames may be written straight from `push`."""
+    def attach(self, send: Send, write_chunk: Callable[[bytes], bool] | None = None) -> None:
+        """The opening frames are out: from now on frames may be written straight from `push`,
+        through `write_chunk` when the server offers it, else by stepping `send`."""
         self.send = send
+        self.write_chunk = write_chunk
         self.task = asyncio.current_task()
         if self.frames:
             self.blocked = True  # what queued meanwhile goes first, through the task
             self.wakeup.set()
 
-    def push(self, frame: bytes) -> None:
+    def push(self, frame: bytes, chunk: bytes | None = None) -> None:
+        """`chunk`: `frame` framed as an HTTP chunk, when the caller framed it once for everyone."""
         if self.cut_reason is not None:
             return
         if self.send is not None and not self.blocked:
-            if self._write_now(frame):
+            if self.write_chunk is not None:
+                if self.write_chunk(chunk if chunk is not None else http_chunk(frame)):
+                    return
+            elif self._write_now(frame):
                 return
             self.blocked = True
         if len(self.frames) >= self.capacity:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from relay.http_protocol import Connection, _HeadWithFirstBody, connection_of
+from relay.http_protocol import Connection, _HeadWithFirstBody, connection_of, http_chunk
 from relay.serving import running_server
 
 START = {
@@ -160,3 +160,38 @@ async def test_the_connection_extension_reports_the_client_leaving_and_can_abort
         async with asyncio.timeout(5):
             await gone.wait()
         writer.close()
+
+
+@dataclass
+class Flow:
+    write_paused: bool = False
+
+
+@dataclass
+class StreamingCycle:
+    transport: Recorded
+    flow: Flow = field(default_factory=Flow)
+    chunked_encoding: bool | None = True
+    response_complete: bool = False
+    disconnected: bool = False
+
+
+def test_pre_framed_chunks_are_written_now_queued_when_paused_and_dropped_once_gone() -> None:
+    transport = Recorded()
+    cycle = StreamingCycle(transport)
+    connection = Connection(transport)  # type: ignore[arg-type]
+    assert connection.chunk_writer() is None  # no request yet
+    connection.bind(cycle)  # type: ignore[arg-type]
+    write = connection.chunk_writer()
+    assert write is not None
+    assert write(http_chunk(b"data: 1\n\n")) is True
+    assert transport.writes == [b"9\r\ndata: 1\n\n\r\n"]
+    cycle.flow.write_paused = True
+    assert write(b"x") is False  # backed up: nothing written, the caller queues it
+    cycle.disconnected = True
+    assert write(b"x") is True  # gone: dropped, as uvicorn's send drops it
+    assert transport.writes == [b"9\r\ndata: 1\n\n\r\n"]
+    cycle.response_complete = True
+    assert connection.chunk_writer() is None
+    del cycle
+    assert write(b"x") is True  # the cycle itself is gone: nothing to write to
