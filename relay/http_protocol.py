@@ -77,7 +77,8 @@ class Connection:
         for every client (see `http_chunk`): written now, or dropped if the client has gone. False
         when the socket is backed up and nothing was written: the caller queues the part."""
         cycle = self._cycle() if self._cycle is not None else None
-        if cycle is None or cycle.disconnected:
+        # A transport closed by a reset is closing before the protocol hears of the loss.
+        if cycle is None or cycle.disconnected or self._transport.is_closing():
             return True
         if cycle.flow.write_paused:
             return False

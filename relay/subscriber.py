@@ -131,7 +131,11 @@ class Subscriber:
             return
         if self.send is not None and not self.blocked:
             if self.write_chunk is not None:
-                if self.write_chunk(chunk if chunk is not None else http_chunk(frame)):
+                try:
+                    if self.write_chunk(chunk if chunk is not None else http_chunk(frame)):
+                        return
+                except Exception:  # never let one client's socket stop the fan-out to the rest
+                    self.cut(CutReason.CLOSED)
                     return
             elif self._write_now(frame):
                 return

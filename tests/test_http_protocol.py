@@ -22,6 +22,10 @@ START = {
 @dataclass
 class Recorded:
     writes: list[bytes] = field(default_factory=list)
+    closing: bool = False
+
+    def is_closing(self) -> bool:
+        return self.closing
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
@@ -188,6 +192,9 @@ def test_pre_framed_chunks_are_written_now_queued_when_paused_and_dropped_once_g
     assert transport.writes == [b"9\r\ndata: 1\n\n\r\n"]
     cycle.flow.write_paused = True
     assert write(b"x") is False  # backed up: nothing written, the caller queues it
+    transport.closing = True  # reset by the client, its loss not reported yet
+    assert write(b"x") is True
+    transport.closing = False
     cycle.disconnected = True
     assert write(b"x") is True  # gone: dropped, as uvicorn's send drops it
     assert transport.writes == [b"9\r\ndata: 1\n\n\r\n"]

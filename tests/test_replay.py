@@ -153,3 +153,39 @@ async def test_frames_go_straight_to_a_writable_socket_and_queue_when_it_pushes_
     sub.push(b"d")
     assert sub.cut_reason is CutReason.SLOW
     assert cut == [sub]
+
+
+async def test_pre_framed_chunks_go_straight_out_queue_when_backed_up_and_a_broken_one_is_cut() -> (
+    None
+):
+    socket = FakeSocket()
+    written: list[bytes] = []
+    paused = False
+
+    def write_chunk(chunk: bytes) -> bool:
+        if paused:
+            return False
+        written.append(chunk)
+        return True
+
+    sub, cut = subscriber(capacity=2)
+    sub.attach(socket.send, write_chunk)
+    sub.task = None
+    sub.push(b"a", b"1\r\na\r\n")
+    sub.push(b"bb")  # nobody framed it: the subscriber does
+    assert written == [b"1\r\na\r\n", b"2\r\nbb\r\n"]
+    assert socket.written == []  # not through ASGI send
+    paused = True
+    sub.push(b"c", b"1\r\nc\r\n")
+    assert list(sub.frames) == [b"c"]  # queued as a frame, for the task's ASGI send
+    assert sub.blocked
+
+    def broken(chunk: bytes) -> bool:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    other, cut = subscriber(capacity=2)
+    other.attach(socket.send, broken)
+    other.task = None
+    other.push(b"x", b"1\r\nx\r\n")  # does not raise into the fan-out
+    assert other.cut_reason is CutReason.CLOSED
+    assert cut == [other]
