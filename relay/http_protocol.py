@@ -65,25 +65,28 @@ class Connection:
         self._transport.abort()
 
     def chunk_writer(self) -> Callable[[bytes], bool] | None:
-        """`write_chunk`, while the response is a chunked body under way (an event stream, once
-        its first part is out); None otherwise."""
+        """A writer of body parts framed once for every client (see `http_chunk`), while the
+        response is a chunked body under way (an event stream, once its first part is out).
+
+        It does what uvicorn's `send` of a body part does when it need not wait: the part is
+        written now, or dropped if the client has gone (a transport closed by a reset is closing
+        before the protocol hears of the loss). It returns False when the socket is backed up and
+        nothing was written: the caller queues the part.
+        """
         cycle = self._cycle() if self._cycle is not None else None
         if cycle is None or not cycle.chunked_encoding or cycle.response_complete:
             return None
-        return self.write_chunk
+        flow, closing, write = cycle.flow, self._transport.is_closing, self._transport.write
 
-    def write_chunk(self, chunk: bytes) -> bool:
-        """What uvicorn's `send` of a body part does when it need not wait, for a part framed once
-        for every client (see `http_chunk`): written now, or dropped if the client has gone. False
-        when the socket is backed up and nothing was written: the caller queues the part."""
-        cycle = self._cycle() if self._cycle is not None else None
-        # A transport closed by a reset is closing before the protocol hears of the loss.
-        if cycle is None or cycle.disconnected or self._transport.is_closing():
+        def write_chunk(chunk: bytes) -> bool:
+            if closing():
+                return True
+            if flow.write_paused:
+                return False
+            write(chunk)
             return True
-        if cycle.flow.write_paused:
-            return False
-        cycle.transport.write(chunk)
-        return True
+
+        return write_chunk
 
 
 def connection_of(scope: Scope) -> Connection | None:
