@@ -51,6 +51,19 @@ class ServerProcess:
         return self.process.returncode
 
 
+async def stop(process: asyncio.subprocess.Process, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within `timeout` seconds."""
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        async with asyncio.timeout(timeout):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+
+
 def free_port(host: str) -> int:
     with socket.socket() as probe:
         probe.bind((host, 0))
@@ -94,14 +107,7 @@ async def _running(
         await _listening(server)
         yield server
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop(process, STOP_TIMEOUT_SECONDS)
 
 
 def simulator(workdir: Path, host: str) -> contextlib.AbstractAsyncContextManager[ServerProcess]:

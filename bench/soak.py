@@ -23,7 +23,6 @@ import json
 import os
 import random
 import secrets
-import signal
 import socket
 import struct
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 import httpx
 import uvloop
 
+from bench.servers import stop
 from relay.app import create_app
 from relay.auth import TokenIssuer
 from relay.config import load_settings, require_serving
@@ -169,14 +169,7 @@ async def relay_process(
                 await asyncio.sleep(0.05)
         yield relay
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(STOP_TIMEOUT_SECONDS):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop(process, STOP_TIMEOUT_SECONDS)
         reader.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await reader

@@ -247,6 +247,18 @@ def _cors(settings: Settings) -> list[Middleware]:
     ]
 
 
+def log_request(scope: Scope, status: int) -> None:
+    """The access line: method, path without the query string (it may carry a token), status."""
+    client = scope.get("client")
+    access_log.info(
+        "request",
+        method=scope["method"],
+        path=scope["path"],
+        status=status,
+        client=client[0] if client else None,
+    )
+
+
 async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     request = EventsRequest.of(scope)
     if request.method in ("GET", "HEAD"):
@@ -255,13 +267,7 @@ async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     else:
         response = error(405, "use GET", {"Allow": "GET, HEAD"})
     if isinstance(response, Response):  # an open stream logs "client connected" instead
-        access_log.info(
-            "request",
-            method=request.method,
-            path=EVENTS_PATH,
-            status=response.status_code,
-            client=request.client,
-        )
+        log_request(scope, response.status_code)
     await response(scope, receive, send)
 
 
@@ -299,7 +305,7 @@ class RelayApp:
             await self._logged(scope, receive, send)
 
     async def _logged(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """The access log, without the query string (it may carry a token)."""
+        """Every other route, with its access line."""
         status = 0
 
         async def recording(message: Message) -> None:
@@ -311,14 +317,7 @@ class RelayApp:
         try:
             await self.app(scope, receive, recording)
         finally:
-            client = scope.get("client")
-            access_log.info(
-                "request",
-                method=scope["method"],
-                path=scope["path"],
-                status=status or 500,
-                client=client[0] if client else None,
-            )
+            log_request(scope, status or 500)
 
     async def drain(self) -> None:
         """Graceful shutdown: /readyz turns 503, every client gets a jittered `retry:` and a clean close."""

@@ -144,8 +144,9 @@ class Hub:
         if previous is not None and previous.state is status.state:
             return
         frame = upstream_frame(status)
+        chunk = http_chunk(frame)
         for subscriber in tuple(self._accounts.get(status.account_id, ())):
-            subscriber.push(frame)
+            subscriber.push(frame, chunk)
 
     def upstream_status(self, account_id: str) -> UpstreamStatus | None:
         return self._status.get(account_id)

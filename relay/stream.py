@@ -2,7 +2,8 @@
 
 A lean ASGI response rather than a generic streaming one: live frames are written by the hub straight
 into the socket (see Subscriber.push), so this task only wakes to flush a backed-up queue or to end the
-stream, and one small watcher task notices the client going away.
+stream. Under the relay's own server (relay/http_protocol.py) the protocol says when the client goes;
+under any other, one small watcher task waits for it.
 """
 
 from __future__ import annotations
