@@ -78,15 +78,19 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
         metrics,
     )
     timeout = httpx.Timeout(settings.upstream.connect_timeout_seconds, read=None)
+    # One TLS context (its CA bundle) for every upstream connection, loaded now rather than while
+    # the first client waits for its account's upstream.
+    tls = httpx.create_ssl_context()
     # Session requests only: each account's streams have a pool of their own (upstream.py).
-    async with httpx.AsyncClient(timeout=timeout) as http:
+    async with httpx.AsyncClient(timeout=timeout, verify=tls) as http:
         # httpx's transport loads anyio's asyncio backend on its first request: load it during
         # start-up rather than while the first client waits for its account's upstream (tens of
         # milliseconds of CPU where no bytecode is cached).
         await anyio.lowlevel.checkpoint()
 
         def upstreams_for(sink: ChannelSink) -> UpstreamManager:
-            return UpstreamManager(settings, sink, session_source_for(settings, http), http)
+            sessions = session_source_for(settings, http)
+            return UpstreamManager(settings, sink, sessions, http, tls=tls)
 
         # With Redis, a lease per account decides which process opens its upstream.
         running = (

@@ -547,13 +547,15 @@ class UpstreamManager:
         sessions: SessionSource,
         http: httpx.AsyncClient,
         *,
+        tls: ssl.SSLContext | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._settings = settings
         self._sink = sink
         self._sessions = sessions
         self._http = http  # for sessions; each account's streams get a pool of their own
-        self._tls: ssl.SSLContext | None = None
+        # Loading the CA bundle takes tens of milliseconds of CPU: once, before any client waits.
+        self._tls = tls if tls is not None else httpx.create_ssl_context()
         self._rng = rng or random.Random()
         self._upstreams: dict[str, AccountUpstream] = {}
         self._subscribers: Counter[str] = Counter()
@@ -632,10 +634,8 @@ class UpstreamManager:
 
         httpcore's pool scans every connection it holds on each request and release: on one
         pool shared by 1,000 long-lived streams, opening an upstream cost ~45 ms of CPU. The
-        TLS context (CA bundle) is loaded once and shared; timeout and hooks are the shared client's.
+        TLS context is shared; timeout and hooks are the shared client's.
         """
-        if self._tls is None:
-            self._tls = httpx.create_ssl_context()
         return httpx.AsyncClient(
             timeout=self._http.timeout, verify=self._tls, event_hooks=self._http.event_hooks
         )

@@ -10,8 +10,11 @@ import time
 
 import jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jwt.exceptions import DecodeError
 
-from relay.auth import Grant, InvalidToken, TokenIssuer, TokenVerifier, admin_key_matches
+from relay.auth import _JWS, Grant, InvalidToken, TokenIssuer, TokenVerifier, admin_key_matches
 
 SECRET = "k" * 48
 verifier = TokenVerifier(SECRET, max_ttl_seconds=3600)
@@ -75,6 +78,9 @@ def test_issued_token_round_trips() -> None:
         (signed_raw(f'{{"account_id": "acct_1", "exp": {soon()}, "nbf": NaN}}'), "nbf"),
         (signed_raw('["acct_1"]'), "not valid"),
         ("not-a-jwt", "not valid"),
+        (signed({"account_id": "acct_1", "exp": soon()})[:-1] + "!", "not valid"),
+        (signed({"account_id": "acct_1", "exp": soon()}) + "===", "not valid"),
+        ("=" + signed({"account_id": "acct_1", "exp": soon()}), "not valid"),
         ("a" * 10_000, "too large"),
     ],
     ids=[
@@ -97,6 +103,9 @@ def test_issued_token_round_trips() -> None:
         "nbf-nan",
         "claims-not-an-object",
         "garbage",
+        "junk-in-signature",
+        "over-padded",
+        "padding-in-header",
         "huge",
     ],
 )
@@ -144,3 +153,44 @@ def test_remembered_tokens_are_bounded() -> None:
     for n in range(5):
         small.verify(issuer.issue("acct_1", 600, subject=f"s{n}")[0])
     assert len(small._verified) == 3
+
+
+def test_the_fast_segment_check_overrides_a_method_pyjwt_still_has() -> None:
+    # Were it renamed in a PyJWT release, the override would silently stop being used.
+    assert "_decode_base64url_segment" in vars(jwt.PyJWS)
+    assert "_decode_base64url_segment" in vars(_JWS)
+
+
+def _outcome(decode: object, segment: bytes) -> bytes | str:
+    assert callable(decode)
+    try:
+        result: bytes = decode(segment, "payload")
+    except DecodeError as exc:
+        return f"DecodeError: {exc}"
+    return result
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.binary(max_size=40)
+    | st.text(
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=+/!. ", max_size=40
+    ).map(str.encode)
+)
+def test_the_fast_segment_check_answers_as_pyjwt_does(segment: bytes) -> None:
+    ours = _outcome(_JWS._decode_base64url_segment, segment)
+    assert ours == _outcome(jwt.PyJWS._decode_base64url_segment, segment)
+
+
+def test_header_checks_are_remembered_but_a_repeated_name_is_still_refused() -> None:
+    fresh = TokenVerifier(SECRET, max_ttl_seconds=3600)
+    for n in range(3):
+        fresh.verify(issuer.issue("acct_1", 600, subject=f"s{n}")[0])
+    assert len(fresh._headers) == 1  # every issued token carries the same header
+    repeated = base64.urlsafe_b64encode(b'{"alg": "HS256", "alg": "HS256"}').rstrip(b"=")
+    body = b64({"account_id": "acct_1", "exp": soon()})
+    mac = hmac.new(SECRET.encode(), repeated + b"." + body.encode(), hashlib.sha256).digest()
+    token = f"{repeated.decode()}.{body}." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+    with pytest.raises(InvalidToken, match="repeats a name"):
+        fresh.verify(token)
+    assert len(fresh._headers) == 1
