@@ -5,8 +5,10 @@
   the request gets a JSON 431 and the connection is closed.
 - The `relay.connection` scope extension (`connection_of(scope)`): `abort()`, since ASGI can only end
   a response and uvicorn's close then waits for the unsent bytes, so a cut client that keeps its
-  socket and never reads would keep the connection forever (abort drops the unsent bytes); and a `lost` callback, so a stream
-  learns that its client went away without a task parked in `receive()` for it.
+  socket and never reads would keep the connection forever (abort drops the unsent bytes); a `lost`
+  callback, so a stream learns that its client went away without a task parked in `receive()` for
+  it; and the transport's `write` with a `paused` callback, so the fan-out writes each event's
+  bytes into a socket with no ASGI message, no flow check and no call of the relay's per client.
 - The response head and the first body part leave in one write. uvicorn writes each ASGI message
   at once: for an event stream that is two packets and two wake-ups of the client per connection.
 """
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from starlette.types import Scope
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 MAX_HEAD_BYTES = (
@@ -46,15 +49,19 @@ def http_chunk(body: bytes) -> bytes:
 class Connection:
     """One request's view of its connection, beyond ASGI."""
 
-    __slots__ = ("_cycle", "_transport", "is_lost", "lost")
+    __slots__ = ("_cycle", "_flow", "_transport", "is_lost", "lost", "paused")
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    def __init__(self, transport: asyncio.Transport, flow: FlowControl) -> None:
         self._transport = transport
+        self._flow = flow
         # Once the request's headers are in. Weak: the cycle's scope holds this connection, and a
         # strong reference back would leave every finished request to the cycle collector.
         self._cycle: weakref.ref[RequestResponseCycle] | None = None
         self.is_lost = False
         self.lost: Callable[[], None] | None = None  # called once the client has gone
+        # Called when the transport pauses writing (its buffer passed the high-water mark), from
+        # inside the write that filled it.
+        self.paused: Callable[[], None] | None = None
 
     def bind(self, cycle: RequestResponseCycle) -> None:
         """The protocol's: the request/response cycle this connection now serves."""
@@ -64,29 +71,24 @@ class Connection:
         """Close the socket now, dropping what is still unsent."""
         self._transport.abort()
 
-    def chunk_writer(self) -> Callable[[bytes], bool] | None:
-        """A writer of body parts framed once for every client (see `http_chunk`), while the
-        response is a chunked body under way (an event stream, once its first part is out).
+    def writer(self) -> Callable[[bytes], object] | None:
+        """The transport's own `write`, for body parts framed once for every client (see
+        `http_chunk`), while the response is a chunked body under way (an event stream, once its
+        first part is out).
 
-        It does what uvicorn's `send` of a body part does when it need not wait: the part is
-        written now, or dropped if the client has gone (a transport closed by a reset is closing
-        before the protocol hears of the loss). It returns False when the socket is backed up and
-        nothing was written: the caller queues the part.
+        It is what uvicorn's `send` of a body part calls when it need not wait. The caller must
+        not write while the transport is paused (`paused`, `writable`); a write to a transport
+        that the client reset before its loss was reported raises, as uvicorn's would.
         """
         cycle = self._cycle() if self._cycle is not None else None
         if cycle is None or not cycle.chunked_encoding or cycle.response_complete:
             return None
-        flow, closing, write = cycle.flow, self._transport.is_closing, self._transport.write
+        return self._transport.write
 
-        def write_chunk(chunk: bytes) -> bool:
-            if closing():
-                return True
-            if flow.write_paused:
-                return False
-            write(chunk)
-            return True
-
-        return write_chunk
+    async def writable(self) -> None:
+        """Returns once the transport takes writes again (at once if it is not paused); also
+        when the client has gone."""
+        await self._flow.drain()
 
 
 def connection_of(scope: Scope) -> Connection | None:
@@ -147,7 +149,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._in_head = True
         self._head_bytes = 0
-        self._connection = Connection(self.transport)
+        self._connection = Connection(self.transport, self.flow)
         self.scope["extensions"] = {CONNECTION_EXTENSION: {"connection": self._connection}}
 
     def on_headers_complete(self) -> None:
@@ -169,6 +171,12 @@ class RelayHttpProtocol(HttpToolsProtocol):
             self.logger.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
             self.transport.write(_431)
             self.transport.close()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        connection = self._connection
+        if connection is not None and connection.paused is not None:
+            connection.paused()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

@@ -1,8 +1,8 @@
 """Accounts → subscribers: admission, replay handover and fan-out.
 
 Sources (upstreams, webhooks) write into the hub as a `ChannelSink`; the broker numbers and keeps each
-event and hands it back through `deliver`, which queues the once-encoded frame to every matching local
-subscriber without awaiting any of them.
+event and hands it back through `deliver`; on the loop's next turn the account's audience
+(relay/audience.py) writes the once-encoded frame to every matching local subscriber, awaiting none.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ from typing import Protocol
 
 import structlog
 
+from relay.audience import Audience
 from relay.brokers.base import Broker
 from relay.channel import Incoming, UpstreamState, UpstreamStatus
 from relay.http_protocol import http_chunk
 from relay.metrics import Metrics
 from relay.sse import encode_comment, encode_event
 from relay.stored import Stored, id_key
-from relay.subscriber import CutReason, Subscriber
+from relay.subscriber import CutReason, Interest, Subscriber
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +108,7 @@ class Hub:
         self._limits = limits
         self._metrics = metrics
         self._clock = clock
-        self._accounts: dict[str, set[Subscriber]] = {}
+        self._accounts: dict[str, Audience] = {}
         self._count = 0
         self._per_peer: dict[str, int] = {}  # open streams by client address
         # Set while no client is connected: the graceful drain waits on it.
@@ -143,10 +144,10 @@ class Hub:
             return
         if previous is not None and previous.state is status.state:
             return
-        frame = upstream_frame(status)
-        chunk = http_chunk(frame)
-        for subscriber in tuple(self._accounts.get(status.account_id, ())):
-            subscriber.push(frame, chunk)
+        audience = self._accounts.get(status.account_id)
+        if audience is not None:
+            frame = upstream_frame(status)
+            audience.broadcast(frame, http_chunk(frame))
 
     def upstream_status(self, account_id: str) -> UpstreamStatus | None:
         return self._status.get(account_id)
@@ -170,25 +171,13 @@ class Hub:
 
     def _fan_out(self, account_id: str) -> None:
         events = self._outbox.pop(account_id)
-        subscribers = self._accounts.get(account_id)
-        if not subscribers:
+        audience = self._accounts.get(account_id)
+        if audience is None:
             return
         started = self._clock()
-        # Framed as an HTTP chunk once here, not once per client.
-        if len(events) == 1:
-            event, chunk = events[0], http_chunk(events[0].frame)
-            for subscriber in tuple(subscribers):
-                subscriber.offer(event, chunk)
-        else:
-            joined = b"".join(event.frame for event in events)
-            chunk, first = http_chunk(joined), events[0].key
-            for subscriber in tuple(subscribers):
-                if subscriber.takes_all_after(first):
-                    subscriber.push(joined, chunk)
-                else:
-                    for event in events:
-                        subscriber.offer(event)
-        self._metrics.events_out.inc(len(subscribers) * len(events))
+        clients = len(audience)
+        audience.fan_out(events)
+        self._metrics.events_out.inc(clients * len(events))
         self._metrics.fanout_seconds.observe(self._clock() - started)
 
     # -- subscribers ---------------------------------------------------------------------------
@@ -221,15 +210,18 @@ class Hub:
         if peer is not None and self._per_peer.get(peer, 0) >= self._limits.max_clients_per_ip:
             self._metrics.rejected.labels("max_clients_per_ip").inc()
             raise Full("this address is at max_clients_per_ip", retry_after=5)
+        audience = self._accounts.get(account_id)
+        if audience is None:
+            audience = self._open_account(account_id)
         subscriber = Subscriber(
             account_id,
-            events=events,
-            user_id=user_id,
+            Interest(events, user_id),
+            audience,
             peer=peer,
             capacity=self._limits.client_buffer_events,
             on_cut=self._cut,
         )
-        self._add(subscriber)
+        self._add(subscriber, audience)
         if not last_event_id:
             return Opened(subscriber, reset=None, replay=[])
         subscriber.begin_replay()
@@ -248,14 +240,15 @@ class Hub:
         subscriber.end_replay(bound)
         return Opened(subscriber, reset=None, replay=wanted)
 
-    def _add(self, subscriber: Subscriber) -> None:
-        account = self._accounts.get(subscriber.account_id)
-        if account is None:
-            account = self._accounts[subscriber.account_id] = set()
-            self._broker.watch(subscriber.account_id)
-            if self.demand is not None:
-                self.demand.acquire(subscriber.account_id)
-        account.add(subscriber)
+    def _open_account(self, account_id: str) -> Audience:
+        audience = self._accounts[account_id] = Audience()
+        self._broker.watch(account_id)
+        if self.demand is not None:
+            self.demand.acquire(account_id)
+        return audience
+
+    def _add(self, subscriber: Subscriber, audience: Audience) -> None:
+        audience.add(subscriber)
         self._count += 1
         if subscriber.peer is not None:
             self._per_peer[subscriber.peer] = self._per_peer.get(subscriber.peer, 0) + 1
@@ -263,10 +256,10 @@ class Hub:
         self._metrics.clients.set(self._count)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
-        account = self._accounts.get(subscriber.account_id)
-        if account is None or subscriber not in account:
+        audience = self._accounts.get(subscriber.account_id)
+        if audience is None or subscriber not in audience:
             return
-        account.discard(subscriber)
+        audience.remove(subscriber)
         self._count -= 1
         if subscriber.peer is not None:
             if (left := self._per_peer[subscriber.peer] - 1) > 0:
@@ -276,7 +269,7 @@ class Hub:
         if not self._count:
             self.emptied.set()
         self._metrics.clients.set(self._count)
-        if not account:
+        if not audience:
             del self._accounts[subscriber.account_id]
             self._broker.unwatch(subscriber.account_id)
             if self.demand is not None:
@@ -284,7 +277,7 @@ class Hub:
 
     def finish_all(self, farewell: Callable[[], bytes]) -> int:
         """End every stream cleanly with its own `farewell()` frame; returns how many were told."""
-        subscribers = [s for account in self._accounts.values() for s in account]
+        subscribers = [s for audience in self._accounts.values() for s in audience]
         for subscriber in subscribers:
             subscriber.finish(farewell())
         return len(subscribers)
@@ -299,6 +292,5 @@ class Hub:
         """A comment to every client each `interval`: one loop for all, not a timer per connection."""
         while True:
             await asyncio.sleep(interval)
-            for account in tuple(self._accounts.values()):
-                for subscriber in tuple(account):
-                    subscriber.push(HEARTBEAT, HEARTBEAT_CHUNK)
+            for audience in tuple(self._accounts.values()):
+                audience.broadcast(HEARTBEAT, HEARTBEAT_CHUNK)

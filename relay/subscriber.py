@@ -1,9 +1,12 @@
-"""One connected client: its filters, and how frames reach its socket.
+"""One connected client: what it wants, and how frames reach its socket.
 
-The hub hands every frame to `push`, which never awaits. When the client's socket can take the bytes
-now, they are written on the spot: no queue, no task wake-up. Only a client whose socket is backed up
-gets a queue, bounded by `capacity`, which its own response task drains; past the bound it is cut and
-resumes by reconnecting with Last-Event-ID.
+A subscriber whose socket takes bytes now is *direct*: its account's audience (relay/audience.py)
+writes each event's chunk straight into its transport, with no call into this object, no queue and
+no task wake-up. It stops being direct while it opens or resumes (the replay handover below), once
+its socket pushes back (the transport pauses writing), and when it ends. Frames meanwhile go through
+`offer`/`push`: written on the spot when the socket can take them, else queued up to `capacity`,
+which the client's own response task drains; past the bound it is cut and resumes by reconnecting
+with Last-Event-ID.
 """
 
 from __future__ import annotations
@@ -12,12 +15,18 @@ import asyncio
 import enum
 from collections import deque
 from collections.abc import Callable, Coroutine
-from typing import cast
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 from starlette.types import Send
 
 from relay.http_protocol import http_chunk
 from relay.stored import Stored
+
+if TYPE_CHECKING:
+    from relay.audience import Audience
+
+Write = Callable[[bytes], object]  # a transport's write: takes an HTTP chunk now, never waits
 
 
 class CutReason(enum.StrEnum):
@@ -26,47 +35,64 @@ class CutReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # the relay is draining: end the stream cleanly
 
 
+@dataclass(frozen=True, slots=True)
+class Interest:
+    """Which of its account's events a client gets: the event types its token and query allow, and
+    events of its user or of no user. Clients with equal interests are matched against an event
+    once, as a group."""
+
+    events: frozenset[str] | None = None  # None: every type
+    user_id: str | None = None  # None: every user's
+
+    def wants(self, event: Stored) -> bool:
+        if self.events is not None and event.type not in self.events:
+            return False
+        return self.user_id is None or event.user_id is None or event.user_id == self.user_id
+
+
 class Subscriber:
     __slots__ = (
+        "_audience",
+        "_direct",
+        "_write",
         "account_id",
         "blocked",
         "capacity",
         "cut_reason",
-        "events",
         "frames",
+        "interest",
         "on_cut",
         "peer",
         "pending",
         "replay_bound",
         "send",
         "task",
-        "user_id",
         "wakeup",
-        "write_chunk",
     )
 
     def __init__(
         self,
         account_id: str,
+        interest: Interest,
+        audience: Audience,
         *,
-        events: frozenset[str] | None,
-        user_id: str | None,
         capacity: int,
         on_cut: Callable[[Subscriber], None],
         peer: str | None = None,
     ) -> None:
         self.account_id = account_id
+        self.interest = interest
         self.peer = peer  # the client's address, for max_clients_per_ip
-        self.events = events
-        self.user_id = user_id
         self.capacity = capacity
         self.on_cut = on_cut
+        self._audience = audience
+        self._direct = False  # in the audience's direct groups
         self.frames: deque[bytes] = deque()
         self.wakeup = asyncio.Event()  # the response task has work: frames to flush, or an end
         self.cut_reason: CutReason | None = None
         self.send: Send | None = None  # set once the stream's opening frames are out
-        # The server's direct writer of pre-framed body chunks (relay/http_protocol.py), if any.
-        self.write_chunk: Callable[[bytes], bool] | None = None
+        # The transport's write, when the server offers it (relay/http_protocol.py).
+        self._write: Write | None = None
         self.task: asyncio.Task[object] | None = None
         self.blocked = False  # the socket pushed back: frames queue until the task has flushed them
         # Handover from replay to live (Mercure's history/live bound): while the replay is fetched,
@@ -75,33 +101,60 @@ class Subscriber:
         self.pending: list[Stored] | None = None
         self.replay_bound: tuple[int, int] | None = None
 
-    # -- what this client gets -----------------------------------------------------------------
-
     def wants(self, event: Stored) -> bool:
-        if self.events is not None and event.type not in self.events:
-            return False
-        return self.user_id is None or event.user_id is None or event.user_id == self.user_id
+        return self.interest.wants(event)
 
-    def takes_all_after(self, key: tuple[int, int]) -> bool:
-        """Whether every event from `key` on goes to this client as is (no filter, no handover)."""
-        return (
-            self.events is None
-            and self.user_id is None
+    # -- direct or not -------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Direct exactly while every event may go straight to the socket as it comes."""
+        direct = (
+            self._write is not None
+            and not self.blocked
+            and self.cut_reason is None
             and self.pending is None
-            and (self.replay_bound is None or self.replay_bound < key)
+            and self.replay_bound is None
+            and not self.frames
         )
+        if direct is not self._direct:
+            self._direct = direct
+            if direct:
+                assert self._write is not None
+                self._audience.make_direct(self, self._write)
+            else:
+                self._audience.make_queued(self)
+
+    def paused(self) -> None:
+        """The transport paused writing: what it already took stays, the rest queues."""
+        self.blocked = True
+        self._settle()
+        self.wakeup.set()  # the task waits for the drain, then lets it be direct again
+
+    def unblock(self) -> None:
+        """The response task flushed the queue and the socket takes bytes again."""
+        self.blocked = False
+        self._settle()
+
+    # -- frames through this object ------------------------------------------------------------
 
     def offer(self, event: Stored, chunk: bytes | None = None) -> None:
         """`chunk`: the event's frame as an HTTP chunk, when the caller framed it for everyone."""
-        if self.replay_bound is not None and event.key <= self.replay_bound:
-            return
+        bound = self.replay_bound
+        if bound is not None:
+            if event.key <= bound:
+                return
+            # Live events reach the hub in id order (both brokers read their account's events in
+            # sequence): none at or below the bound can follow this one, so the handover is over.
+            self.replay_bound = None
         if self.pending is not None:
             if len(self.pending) >= self.capacity:
                 self.cut(CutReason.SLOW)
             else:
                 self.pending.append(event)
-        elif self.wants(event):
+        elif self.interest.wants(event):
             self.push(event.frame, chunk)
+        if bound is not None:
+            self._settle()
 
     def begin_replay(self) -> None:
         self.pending = []
@@ -111,33 +164,34 @@ class Subscriber:
         waiting, self.pending = self.pending or [], None
         self.replay_bound = bound
         for event in waiting:
-            self.offer(event)
+            if (bound is None or event.key > bound) and self.interest.wants(event):
+                self.push(event.frame)
+        self._settle()
 
-    # -- writing -------------------------------------------------------------------------------
-
-    def attach(self, send: Send, write_chunk: Callable[[bytes], bool] | None = None) -> None:
-        """The opening frames are out: from now on frames may be written straight from `push`,
-        through `write_chunk` when the server offers it, else by stepping `send`."""
+    def attach(self, send: Send, write: Write | None = None) -> None:
+        """The opening frames are out: from now on frames may be written straight into the socket,
+        through the transport's `write` when the server offers it, else by stepping `send`."""
         self.send = send
-        self.write_chunk = write_chunk
+        self._write = write
         self.task = asyncio.current_task()
         if self.frames:
             self.blocked = True  # what queued meanwhile goes first, through the task
             self.wakeup.set()
+        self._settle()
 
     def push(self, frame: bytes, chunk: bytes | None = None) -> None:
         """`chunk`: `frame` framed as an HTTP chunk, when the caller framed it once for everyone."""
         if self.cut_reason is not None:
             return
         if self.send is not None and not self.blocked:
-            if self.write_chunk is not None:
+            if self._write is not None:
                 try:
-                    if self.write_chunk(chunk if chunk is not None else http_chunk(frame)):
-                        return
+                    # Should the transport pause now, `paused` has run by the time this returns.
+                    self._write(chunk if chunk is not None else http_chunk(frame))
                 except Exception:  # never let one client's socket stop the fan-out to the rest
                     self.cut(CutReason.CLOSED)
-                    return
-            elif self._write_now(frame):
+                return
+            if self._write_now(frame):
                 return
             self.blocked = True
         if len(self.frames) >= self.capacity:
@@ -183,6 +237,7 @@ class Subscriber:
         if self.cut_reason is None:
             self.push(farewell)
             self.cut_reason = CutReason.SHUTDOWN
+            self._settle()
             self.wakeup.set()
 
     def cut(self, reason: CutReason) -> None:
@@ -192,6 +247,7 @@ class Subscriber:
         self.cut_reason = reason
         self.frames.clear()
         self.pending = None
+        self._settle()
         self.wakeup.set()
         if reason is CutReason.SLOW and self.blocked and self.task is not None:
             self.task.cancel()  # it may be stuck in a send to a client that stopped reading

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
+from uvicorn.protocols.http.flow_control import FlowControl
 
 from relay.http_protocol import Connection, _HeadWithFirstBody, connection_of, http_chunk
 from relay.serving import running_server
@@ -167,35 +168,62 @@ async def test_the_connection_extension_reports_the_client_leaving_and_can_abort
 
 
 @dataclass
-class Flow:
-    write_paused: bool = False
-
-
-@dataclass
 class StreamingCycle:
-    transport: Recorded
-    flow: Flow = field(default_factory=Flow)
     chunked_encoding: bool | None = True
     response_complete: bool = False
 
 
-def test_pre_framed_chunks_are_written_now_queued_when_paused_and_dropped_once_gone() -> None:
+async def test_the_writer_is_the_transports_own_while_a_chunked_body_is_under_way() -> None:
     transport = Recorded()
-    cycle = StreamingCycle(transport)
-    connection = Connection(transport)  # type: ignore[arg-type]
-    assert connection.chunk_writer() is None  # no request yet
+    flow = FlowControl(transport)  # type: ignore[arg-type]
+    connection = Connection(transport, flow)  # type: ignore[arg-type]
+    assert connection.writer() is None  # no request yet
+    cycle = StreamingCycle()
     connection.bind(cycle)  # type: ignore[arg-type]
-    write = connection.chunk_writer()
-    assert write is not None
-    assert write(http_chunk(b"data: 1\n\n")) is True
-    assert transport.writes == [b"9\r\ndata: 1\n\n\r\n"]
-    cycle.flow.write_paused = True
-    assert write(b"x") is False  # backed up: nothing written, the caller queues it
-    cycle.flow.write_paused = False
-    transport.closing = True  # reset by the client, its loss not reported yet
-    assert write(b"x") is True  # gone: dropped, as uvicorn's send drops it
-    assert transport.writes == [b"9\r\ndata: 1\n\n\r\n"]
+    assert connection.writer() == transport.write
+    flow.pause_writing()
+    waiting = asyncio.ensure_future(connection.writable())
+    await asyncio.sleep(0)
+    assert not waiting.done()  # paused: direct writers wait for the drain
+    flow.resume_writing()
+    async with asyncio.timeout(1):
+        await waiting
     cycle.response_complete = True
-    assert connection.chunk_writer() is None
+    assert connection.writer() is None
+    cycle.response_complete = False
     del cycle
-    assert connection.chunk_writer() is None  # the cycle is gone: no writer for it
+    assert connection.writer() is None  # the cycle is gone: no writer for it
+
+
+async def test_a_socket_that_stops_being_read_pauses_its_stream_and_resumes_it_once_drained() -> (
+    None
+):
+    pauses: asyncio.Queue[Connection] = asyncio.Queue()
+    done = asyncio.Event()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        connection = connection_of(scope)
+        assert connection is not None
+        await send(START)
+        await send({"type": "http.response.body", "body": b"x", "more_body": True})
+        write = connection.writer()
+        assert write is not None
+        connection.paused = lambda: pauses.put_nowait(connection)
+        for _ in range(10_000):  # far past the socket buffers, the client not reading
+            write(http_chunk(b"y" * 1024))
+            if not pauses.empty():
+                break
+        await connection.writable()
+        done.set()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async with serving(app) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            await pauses.get()  # called back from inside the write that filled the buffer
+        assert not done.is_set()
+        async with asyncio.timeout(10):
+            while not done.is_set():  # reading drains it, and the stream goes on
+                await reader.read(1 << 20)
+        writer.close()

@@ -6,9 +6,10 @@ import asyncio
 
 from starlette.types import Message
 
+from relay.audience import Audience
 from relay.replay import ReplayBuffer
 from relay.stored import Stored, id_key, user_of
-from relay.subscriber import CutReason, Subscriber
+from relay.subscriber import CutReason, Interest, Subscriber
 
 
 class Clock:
@@ -79,7 +80,7 @@ def test_user_of_reads_json_objects_only() -> None:
 
 def subscriber(capacity: int = 10) -> tuple[Subscriber, list[Subscriber]]:
     cut: list[Subscriber] = []
-    sub = Subscriber("acct_1", events=None, user_id=None, capacity=capacity, on_cut=cut.append)
+    sub = Subscriber("acct_1", Interest(), Audience(), capacity=capacity, on_cut=cut.append)
     return sub, cut
 
 
@@ -108,18 +109,12 @@ def test_slow_subscriber_is_cut_with_bounded_memory() -> None:
 
 
 def test_filters_by_type_and_user() -> None:
-    sub = Subscriber(
-        "acct_1",
-        events=frozenset({"call.incoming"}),
-        user_id="u1",
-        capacity=10,
-        on_cut=lambda s: None,
-    )
-    assert sub.wants(Stored.create("1-1", "call.incoming", '{"user_id": "u1"}'))
-    assert sub.wants(Stored.create("1-2", "call.incoming", '{"user_id": null}'))
-    assert sub.wants(Stored.create("1-3", "call.incoming", "{}"))
-    assert not sub.wants(Stored.create("1-4", "call.incoming", '{"user_id": "u2"}'))
-    assert not sub.wants(Stored.create("1-5", "call.end", '{"user_id": "u1"}'))
+    interest = Interest(frozenset({"call.incoming"}), "u1")
+    assert interest.wants(Stored.create("1-1", "call.incoming", '{"user_id": "u1"}'))
+    assert interest.wants(Stored.create("1-2", "call.incoming", '{"user_id": null}'))
+    assert interest.wants(Stored.create("1-3", "call.incoming", "{}"))
+    assert not interest.wants(Stored.create("1-4", "call.incoming", '{"user_id": "u2"}'))
+    assert not interest.wants(Stored.create("1-5", "call.end", '{"user_id": "u1"}'))
 
 
 class FakeSocket:
@@ -153,39 +148,3 @@ async def test_frames_go_straight_to_a_writable_socket_and_queue_when_it_pushes_
     sub.push(b"d")
     assert sub.cut_reason is CutReason.SLOW
     assert cut == [sub]
-
-
-async def test_pre_framed_chunks_go_straight_out_queue_when_backed_up_and_a_broken_one_is_cut() -> (
-    None
-):
-    socket = FakeSocket()
-    written: list[bytes] = []
-    paused = False
-
-    def write_chunk(chunk: bytes) -> bool:
-        if paused:
-            return False
-        written.append(chunk)
-        return True
-
-    sub, cut = subscriber(capacity=2)
-    sub.attach(socket.send, write_chunk)
-    sub.task = None
-    sub.push(b"a", b"1\r\na\r\n")
-    sub.push(b"bb")  # nobody framed it: the subscriber does
-    assert written == [b"1\r\na\r\n", b"2\r\nbb\r\n"]
-    assert socket.written == []  # not through ASGI send
-    paused = True
-    sub.push(b"c", b"1\r\nc\r\n")
-    assert list(sub.frames) == [b"c"]  # queued as a frame, for the task's ASGI send
-    assert sub.blocked
-
-    def broken(chunk: bytes) -> bool:
-        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
-
-    other, cut = subscriber(capacity=2)
-    other.attach(socket.send, broken)
-    other.task = None
-    other.push(b"x", b"1\r\nx\r\n")  # does not raise into the fan-out
-    assert other.cut_reason is CutReason.CLOSED
-    assert cut == [other]
