@@ -56,6 +56,7 @@ from relay.sessions import (
     describe_http_error,
 )
 from relay.sse import Event, LineTooLong, SSEParser
+from relay.stream_transport import StreamTransport, for_streams
 
 log = structlog.get_logger(__name__)
 RESERVED_PREFIX = "relay."  # relay.upstream, relay.reset: the relay's own events
@@ -556,6 +557,9 @@ class UpstreamManager:
         self._http = http  # for sessions; each account's streams get a pool of their own
         # Loading the CA bundle takes tens of milliseconds of CPU: once, before any client waits.
         self._tls = tls if tls is not None else httpx.create_ssl_context()
+        self._stream_transport: StreamTransport | None = for_streams(self._tls)
+        if self._stream_transport is None:
+            log.info("a proxy is set in the environment: upstream streams use httpx's transport")
         self._rng = rng or random.Random()
         self._upstreams: dict[str, AccountUpstream] = {}
         self._subscribers: Counter[str] = Counter()
@@ -630,14 +634,19 @@ class UpstreamManager:
         return upstream
 
     def _stream_client(self) -> httpx.AsyncClient:
-        """A connection pool of the account's own for its streams (one, two while rotating).
+        """A client of the account's own for its streams (one, two while rotating), on the
+        stream transport (relay/stream_transport.py) unless a proxy is configured.
 
-        httpcore's pool scans every connection it holds on each request and release: on one
-        pool shared by 1,000 long-lived streams, opening an upstream cost ~45 ms of CPU. The
-        TLS context is shared; timeout and hooks are the shared client's.
+        httpx's own transport pools connections, and its pool scans every connection it holds on
+        each request and release: on one pool shared by 1,000 long-lived streams, opening an
+        upstream cost ~45 ms of CPU. The TLS context is shared; timeout and hooks are the shared
+        client's.
         """
         return httpx.AsyncClient(
-            timeout=self._http.timeout, verify=self._tls, event_hooks=self._http.event_hooks
+            timeout=self._http.timeout,
+            verify=self._tls,
+            event_hooks=self._http.event_hooks,
+            transport=self._stream_transport,
         )
 
     def _stop_lingering(self, account_id: str) -> None:

@@ -1,0 +1,218 @@
+"""An httpx transport for long-lived event streams: one request per connection, read by callbacks.
+
+httpx's own transport reads a response body through httpcore, h11 and anyio: an anyio cancel scope,
+a pause and a resume of the socket's reading, an h11 state-machine step and five nested async
+generators for every chunk. An upstream event is one chunk, so that stack cost about 150 µs of CPU
+per event here, more than every other step of relaying it together. This transport parses the
+response with httptools (llhttp, C; uvicorn[standard] already brings it) as the bytes arrive, and
+the body iterator only waits when nothing is buffered. Everything above it stays httpx: the client,
+its requests and responses, event hooks, timeouts and content decoding.
+
+It serves `GET /v1/events` (relay/upstream.py): no pooling, no keep-alive, no HTTP/2, no proxy. When the environment names a proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY), `for_streams`
+returns None and the streams use httpx's own transport, which honours it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import urllib.request
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import cast
+
+import httptools
+import httpx
+
+# A consumer this far behind stops the socket being read, so TCP pushes back on the upstream.
+_PAUSE_ABOVE_BYTES = 1024 * 1024
+_RESUME_BELOW_BYTES = 256 * 1024
+
+
+def for_streams(tls: ssl.SSLContext) -> StreamTransport | None:
+    """The transport for event streams, or None when a proxy is configured in the environment."""
+    proxies = urllib.request.getproxies()
+    if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
+        return None
+    return StreamTransport(tls)
+
+
+class _Response(asyncio.Protocol):
+    """One connection: the response head, then its body chunks as they arrive."""
+
+    def __init__(self) -> None:
+        self._parser = httptools.HttpResponseParser(self)
+        self._transport: asyncio.Transport | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._reading_paused = False
+        self.complete = False  # the whole body arrived
+        self._interim = False  # parsing a 1xx answer, which has no body and is not the response
+        self.error: httpx.TransportError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not subclasses
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            # Its message can quote the bytes on the wire: only the kind is kept.
+            self._fail(httpx.RemoteProtocolError(f"malformed HTTP response ({type(exc).__name__})"))
+            self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.complete and self.error is None:
+            if self.head.done() and self._delimited_by_close():
+                self.complete = True  # an HTTP/1.0-style body ends with the connection
+            else:
+                self._fail(httpx.ReadError("the server closed the connection mid-response"))
+        self._wake()
+
+    # -- httptools callbacks -------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        self._interim = 100 <= status < 200  # 103 Early Hints: the response proper follows
+        if self._interim:
+            self.headers.clear()
+        elif not self.head.done():
+            self.head.set_result(status)
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > _PAUSE_ABOVE_BYTES and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        self.complete = True
+        self._wake()
+        self.close()  # one request per connection
+
+    # -- for the body iterator -----------------------------------------------------------------
+
+    def take(self) -> bytes:
+        chunk = self.chunks.popleft()
+        self._buffered -= len(chunk)
+        if self._reading_paused and self._buffered < _RESUME_BELOW_BYTES:
+            self._reading_paused = False
+            if self._transport is not None and not self._transport.is_closing():
+                self._transport.resume_reading()
+        return chunk
+
+    async def arrival(self) -> None:
+        """Returns once there is a chunk, the end, or an error."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def send(self, data: bytes) -> None:
+        assert self._transport is not None
+        self._transport.write(data)
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def _delimited_by_close(self) -> bool:
+        names = {name.lower() for name, _ in self.headers}
+        return b"content-length" not in names and b"transfer-encoding" not in names
+
+    def _fail(self, error: httpx.TransportError) -> None:
+        if self.error is None:
+            self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, response: _Response, read_timeout: float | None) -> None:
+        self._response = response
+        self._read_timeout = read_timeout
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        response = self._response
+        while True:
+            while response.chunks:
+                yield response.take()
+            if response.error is not None:
+                raise response.error
+            if response.complete:
+                return
+            if self._read_timeout is None:
+                await response.arrival()
+                continue
+            try:
+                async with asyncio.timeout(self._read_timeout):
+                    await response.arrival()
+            except TimeoutError:
+                raise httpx.ReadTimeout(f"no data for {self._read_timeout} s") from None
+
+    async def aclose(self) -> None:
+        self._response.close()
+
+
+class StreamTransport(httpx.AsyncBaseTransport):
+    def __init__(self, tls: ssl.SSLContext) -> None:
+        self._tls = tls
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeouts = request.extensions.get("timeout", {})
+        url = request.url
+        if url.scheme not in ("http", "https"):
+            raise httpx.UnsupportedProtocol(f"{url.scheme!r} is not http or https")
+        tls = self._tls if url.scheme == "https" else None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeouts.get("connect")):
+                _, response = await loop.create_connection(
+                    _Response,
+                    url.host,
+                    url.port or (443 if tls else 80),
+                    ssl=tls,
+                    server_hostname=url.host if tls else None,
+                )
+        except TimeoutError:
+            raise httpx.ConnectTimeout("connecting timed out") from None
+        except OSError as exc:  # ssl.SSLError too
+            raise httpx.ConnectError(f"{type(exc).__name__}: {exc}") from None
+        try:
+            head = [b"%s %s HTTP/1.1" % (request.method.encode(), url.raw_path)]
+            head += [b"%s: %s" % pair for pair in request.headers.raw]
+            response.send(b"\r\n".join(head) + b"\r\n\r\n" + await request.aread())
+            try:
+                async with asyncio.timeout(timeouts.get("read")):
+                    status = await response.head
+            except TimeoutError:
+                raise httpx.ReadTimeout("no response head in time") from None
+        except BaseException:
+            response.close()
+            raise
+        return httpx.Response(
+            status,
+            headers=response.headers,
+            stream=_Body(response, timeouts.get("read")),
+            extensions={"http_version": b"HTTP/1.1"},
+        )

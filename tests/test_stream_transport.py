@@ -1,0 +1,237 @@
+"""relay/stream_transport.py against servers that answer byte by byte over real sockets, TLS too."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import ssl
+import subprocess
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from relay.stream_transport import StreamTransport, for_streams
+
+Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
+HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+
+
+@contextlib.asynccontextmanager
+async def server(
+    answer: Answer, tls: ssl.SSLContext | None = None
+) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """A server that hands each request head to `answer`; yields its base URL and the heads."""
+    heads: list[bytes] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            heads.append(head)
+            await answer(head, writer)
+            await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    listener = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=tls)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}", heads
+    finally:
+        listener.close()
+        await listener.wait_closed()
+
+
+def client(tls: ssl.SSLContext | None = None, **timeouts: float | None) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(5.0, **timeouts)
+    return httpx.AsyncClient(
+        transport=StreamTransport(tls or ssl.create_default_context()), timeout=timeout
+    )
+
+
+async def body(url: str, tls: ssl.SSLContext | None = None, **timeouts: float | None) -> bytes:
+    async with client(tls, **timeouts) as http, http.stream("GET", url) as response:
+        assert response.status_code == 200
+        return b"".join([chunk async for chunk in response.aiter_bytes()])
+
+
+def chunked(*parts: bytes) -> bytes:
+    return b"".join(b"%x\r\n%b\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+async def test_the_request_goes_out_as_httpx_built_it_and_a_chunked_body_comes_back() -> None:
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        for part in (b"data: 1\n\n", b"data: 2", b"\n\n"):
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+            await writer.drain()
+            await asyncio.sleep(0.01)  # separate packets
+        writer.write(b"0\r\n\r\n")
+
+    async with server(answer) as (url, heads), client() as http:
+        headers = {"Authorization": "Bearer secret_x", "Last-Event-ID": "41"}
+        async with http.stream("GET", f"{url}/v1/events?a=b", headers=headers) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            assert b"".join([c async for c in response.aiter_bytes()]) == b"data: 1\n\ndata: 2\n\n"
+    request_line, *lines = heads[0].decode().split("\r\n")
+    assert request_line == "GET /v1/events?a=b HTTP/1.1"
+    sent = dict(line.split(": ", 1) for line in lines if line)
+    sent = {name.lower(): value for name, value in sent.items()}
+    assert sent["authorization"] == "Bearer secret_x"
+    assert sent["last-event-id"] == "41"
+    assert sent["host"] == url.removeprefix("http://")
+
+
+@pytest.mark.parametrize(
+    ("framing", "wire"),
+    [
+        ("content-length", b"Content-Length: 9\r\n\r\ndata: x\n\n"),
+        ("close-delimited", b"\r\ndata: x\n\n"),
+        ("chunked after a 103", b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"data: x\n\n")),
+    ],
+)
+async def test_every_http_1_1_body_framing_ends_cleanly(framing: str, wire: bytes) -> None:
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        if framing.endswith("103"):
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>; rel=preload\r\n\r\n")
+        writer.write(HEAD + wire)
+
+    async with server(answer) as (url, _):
+        assert await body(url) == b"data: x\n\n"
+
+
+async def test_a_gzipped_stream_is_decoded_by_httpx_above_the_transport() -> None:
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        packed = gzip.compress(b"data: compressed\n\n")
+        writer.write(HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(chunked(packed[:10], packed[10:]))
+
+    async with server(answer) as (url, _):
+        assert await body(url) == b"data: compressed\n\n"
+
+
+async def test_a_refusal_is_an_ordinary_response() -> None:
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 7\r\nContent-Length: 2\r\n\r\n{}"
+        )
+
+    async with server(answer) as (url, _), client() as http:
+        response = await http.get(url)
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "7"
+    assert response.content == b"{}"
+
+
+async def test_a_body_cut_mid_chunk_is_a_read_error_and_garbage_a_protocol_error() -> None:
+    async def cut(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"20\r\ndata: half")
+
+    async def garbage(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: x\x00\r\n\r\n")
+
+    received: list[bytes] = []
+
+    async def read_all(url: str) -> None:
+        async with client() as http, http.stream("GET", url) as response:
+            async for chunk in response.aiter_bytes():
+                received.append(chunk)
+
+    async with server(cut) as (url, _):
+        with pytest.raises(httpx.ReadError):
+            await read_all(url)
+        assert b"".join(received) == b"data: half"  # what came is delivered before the error
+    async with server(garbage) as (url, _):
+        with pytest.raises(httpx.RemoteProtocolError) as caught:
+            await body(url)
+        assert "\x00" not in str(caught.value)  # the bytes on the wire are not quoted
+
+
+async def test_silence_past_the_read_timeout_and_a_refused_connect() -> None:
+    async def silent(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"9\r\ndata: 1\n\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    async with server(silent) as (url, _):
+        with pytest.raises(httpx.ReadTimeout):
+            await body(url, read=0.3)
+    async with server(silent) as (url, _):
+        pass  # closed: nothing listens on its port now
+    with pytest.raises(httpx.ConnectError):
+        await body(url)
+
+
+async def test_a_consumer_that_falls_behind_stops_the_socket_being_read() -> None:
+    sent = 0
+
+    async def flood(head: bytes, writer: asyncio.StreamWriter) -> None:
+        nonlocal sent
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        part = b"x" * 65536
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2):
+                while sent < 64 * 2**20:
+                    writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+                    await writer.drain()  # waits once the transport stops reading
+                    sent += len(part)
+
+    async with server(flood) as (url, _), client() as http, http.stream("GET", url) as response:
+        chunks = response.aiter_bytes()
+        await anext(chunks)
+        await asyncio.sleep(2.5)  # the consumer is busy; the server writes what it can
+        # The transport buffers about a MiB, the kernel a few: never the 64 MiB on offer.
+        assert sent < 24 * 2**20, sent
+        taken = 0
+        async with asyncio.timeout(10):
+            async for chunk in chunks:
+                taken += len(chunk)
+                if taken >= sent - 2**20:
+                    break  # reading resumed: what was held back arrives
+
+
+async def test_https_with_certificate_verification(tmp_path: Path) -> None:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + chunked(b"data: tls\n\n"))
+
+    trusting = ssl.create_default_context(cafile=str(cert))
+    async with server(answer, tls=served) as (url, _):
+        assert await body(url, tls=trusting) == b"data: tls\n\n"
+        with pytest.raises(httpx.ConnectError, match="SSL"):
+            await body(url, tls=ssl.create_default_context())  # not a CA it trusts
+
+
+def test_a_proxy_in_the_environment_leaves_the_streams_to_httpx(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in (
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    assert isinstance(for_streams(ssl.create_default_context()), StreamTransport)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    assert for_streams(ssl.create_default_context()) is None
