@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from prometheus_client import Counter
 
 from relay.audience import Audience
 from relay.brokers.base import Broker
@@ -116,6 +117,7 @@ class Hub:
         self.emptied.set()
         self._status: dict[str, UpstreamStatus] = {}
         self._outbox: dict[str, list[Stored]] = {}  # events waiting for the next fan-out
+        self._events_in: dict[str, Counter] = {}
         self.demand: Demand | None = None
         broker.attach(self.deliver)
 
@@ -127,7 +129,10 @@ class Hub:
         if stored is None:
             self._metrics.duplicates.inc()
             return False
-        self._metrics.events_in.labels(source).inc()
+        counted = self._events_in.get(source)
+        if counted is None:  # a label's child, found once rather than on every event
+            counted = self._events_in[source] = self._metrics.events_in.labels(source)
+        counted.inc()
         return True
 
     def upstream_changed(self, status: UpstreamStatus) -> None:

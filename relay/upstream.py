@@ -69,6 +69,9 @@ _GRACE_SECONDS = 0.5
 _OVERLAP_TAIL_SECONDS = 5.0
 _MAX_LINE_BYTES = 1024 * 1024  # DialStack events are a few hundred bytes
 _INBOX_EVENTS = 256  # readers wait (and TCP pushes back) when the sink falls this far behind
+# The first events of each stream are checked to be JSON, as DialStack documents them: enough to
+# tell an operator that an upstream speaks something else, without parsing every event for it.
+_JSON_CHECKS = 100
 
 
 class _Kind(enum.Enum):
@@ -107,6 +110,13 @@ class _Received:
 class _Closed:
     stream: _Stream
     ended: _Ended
+
+
+class _Due:
+    """Put into the inbox by the actor's timer: the deadline it was waiting for has passed."""
+
+
+_DUE = _Due()
 
 
 class _Overlap:
@@ -175,7 +185,12 @@ class AccountUpstream:
         self._events = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
-        self._inbox: asyncio.Queue[_Received | _Closed] = asyncio.Queue(_INBOX_EVENTS)
+        self._inbox: asyncio.Queue[_Received | _Closed | _Due] = asyncio.Queue(_INBOX_EVENTS)
+        # The actor's one timer (rotation, handover), re-armed when its deadline changes rather
+        # than a timeout around every message.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: float | None = None
+        self._due = False
         self._streams: set[_Stream] = set()
         self._overlap: _Overlap | None = None
         # Carried from stream to stream as an EventSource carries them across reconnections.
@@ -320,13 +335,26 @@ class AccountUpstream:
 
     async def _receive(self, deadline: float | None) -> _Received | _Closed | None:
         """The next message, or None once the loop clock reaches `deadline`."""
-        if deadline is None:
-            return await self._inbox.get()
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._inbox.get()
-        except TimeoutError:
-            return None
+        if deadline != self._timer_at:
+            self._arm(deadline)
+        while not self._due:
+            message = await self._inbox.get()
+            if not isinstance(message, _Due):  # a marker of an earlier deadline is stale
+                return message
+        self._arm(None)  # this deadline is spent
+        return None
+
+    def _arm(self, deadline: float | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at, self._due = None, deadline, False
+        if deadline is not None:
+            self._timer = asyncio.get_running_loop().call_at(deadline, self._deadline_passed)
+
+    def _deadline_passed(self) -> None:
+        self._timer, self._due = None, True
+        if self._inbox.empty():  # the actor is waiting: wake it (a busy one sees `_due` next)
+            self._inbox.put_nowait(_DUE)
 
     def _warn_reserved(self, event_type: str) -> None:
         if event_type != "connected" and not self._warned_reserved:
@@ -341,7 +369,7 @@ class AccountUpstream:
             elif not overlap.admit(stream, event):
                 return
         self._events += 1
-        if not self._warned_invalid_json:
+        if stream.received <= _JSON_CHECKS and not self._warned_invalid_json:
             try:
                 json.loads(event.data)
             except ValueError:
@@ -436,6 +464,7 @@ class AccountUpstream:
         self._end_overlap(asyncio.get_running_loop().time())
 
     async def _close_streams(self) -> None:
+        self._arm(None)
         streams, self._streams = self._streams, set()
         for stream in streams:
             await self._cancel(stream)
@@ -465,7 +494,9 @@ class AccountUpstream:
             ended = _Ended(_Kind.FAILED, f"internal error ({type(exc).__name__})")
         await inbox.put(_Closed(stream, ended))
 
-    async def _read(self, stream: _Stream, inbox: asyncio.Queue[_Received | _Closed]) -> _Ended:
+    async def _read(
+        self, stream: _Stream, inbox: asyncio.Queue[_Received | _Closed | _Due]
+    ) -> _Ended:
         if stream.session is None:
             try:
                 session = await self._sessions.fetch(self.account_id)
