@@ -59,7 +59,6 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
     )
     structlog.configure(
         processors=[
-            structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             _add_logger_name,
             timestamper,
