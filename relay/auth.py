@@ -15,7 +15,6 @@ from typing import Any
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
-from jwt.exceptions import DecodeError
 from jwt.utils import base64url_decode, base64url_encode
 
 ALGORITHM = "HS256"
@@ -98,50 +97,45 @@ def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
 
 
-class _JWS(jwt.PyJWS):
-    """PyJWT's JWS with its segment check done by a regular expression.
-
-    PyJWT 2.15 tests every character of a token against the base64url alphabet in a Python loop, a
-    third of a whole token check. This is the same check, in the same order, with the same errors
-    (tests/test_auth.py compares the two on arbitrary input).
-    """
-
-    @staticmethod
-    def _decode_base64url_segment(segment: bytes, name: str) -> bytes:
-        stripped = segment.rstrip(b"=")
-        padding = len(segment) - len(stripped)
-        if padding > 2 or (padding and len(segment) % 4 != 0):
-            raise DecodeError(f"Invalid {name} padding")
-        if len(stripped) % 4 == 1 or not _BASE64URL.fullmatch(stripped):
-            raise DecodeError(f"Invalid {name} padding")
-        try:
-            decoded = base64url_decode(stripped)
-        except (TypeError, binascii.Error) as err:
-            raise DecodeError(f"Invalid {name} padding") from err
-        if base64url_encode(decoded) != stripped:
-            raise DecodeError(f"Invalid {name} padding")
-        return decoded
+def _segment(segment: str) -> bytes:
+    """One base64url segment of a compact JWS, as strictly as PyJWT 2.15 reads it: up to two
+    trailing `=` where the length allows them, the alphabet only, and the canonical encoding of
+    what it decodes to (tests/test_auth.py compares the two on arbitrary input)."""
+    raw = segment.encode()
+    stripped = raw.rstrip(b"=")
+    padding = len(raw) - len(stripped)
+    if padding > 2 or (padding and len(raw) % 4 != 0):
+        raise InvalidToken("token is not valid")
+    if len(stripped) % 4 == 1 or not _BASE64URL.fullmatch(stripped):
+        raise InvalidToken("token is not valid")
+    try:
+        decoded = base64url_decode(stripped)
+    except (TypeError, binascii.Error):
+        raise InvalidToken("token is not valid") from None
+    if base64url_encode(decoded) != stripped:
+        raise InvalidToken("token is not valid")
+    return decoded
 
 
-class _PreparedHS256(HMACAlgorithm):
-    """PyJWT's HS256, with the relay's key checked once instead of on every token (PyJWT makes
-    sure each key is no PEM, SSH, DER or JWK look-alike: a third of a token check's time)."""
-
-    def __init__(self, secret: bytes) -> None:
-        super().__init__(HMACAlgorithm.SHA256)
-        self._secret = secret
-        self._prepared = super().prepare_key(secret)
-
-    def prepare_key(self, key: str | bytes) -> bytes:
-        return self._prepared if key == self._secret else super().prepare_key(key)
+def _check_header(header: Mapping[str, Any]) -> None:
+    """What PyJWS refuses in an HS256-only verifier, and what it would accept that we refuse."""
+    if header.get("alg") != ALGORITHM:  # none, other algorithms, a missing or odd `alg`
+        raise InvalidToken("token is not valid")
+    if "crit" in header or "b64" in header:  # extensions to honour: none is understood here
+        raise InvalidToken("token is not valid")
+    if "kid" in header and not isinstance(header["kid"], str):
+        raise InvalidToken("token is not valid")
 
 
 class TokenVerifier:
     """Checks tokens; a token seen recently is not checked again until it expires.
 
-    PyJWT's JWS layer checks the algorithm and the signature; the claims are read here, once, with
-    repeated names refused. A reconnecting fleet presents the same tokens again, and a check costs
-    tens of microseconds; the memory is bounded and holds only tokens that verified.
+    The compact JWS is read here, strictly, and its HS256 MAC checked by PyJWT's HMAC algorithm
+    with the key prepared once. PyJWS's general path (any algorithm, JWKs, detached payloads)
+    cost 40 µs of each new client's connection; what it checks that matters to an HS256 verifier
+    is checked here too, and a test compares the two verdicts on a catalogue of headers. Claims
+    are read once, with repeated names refused. A reconnecting fleet presents the same tokens
+    again; the memory of them is bounded and holds only tokens that verified.
     """
 
     def __init__(self, secret: str, max_ttl_seconds: int, remembered: int = 10_000) -> None:
@@ -149,13 +143,12 @@ class TokenVerifier:
         self._max_ttl = max_ttl_seconds
         self._remembered = remembered
         self._verified: OrderedDict[str, Grant] = OrderedDict()
-        self._jws = _JWS(algorithms=[ALGORITHM])
-        # Header segments already found free of repeated names: an issuer writes the same one
-        # into every token. Only tokens whose signature verified get here, so strangers cannot
-        # fill it; the bound is for a key shared by many issuers.
+        self._mac = HMACAlgorithm(HMACAlgorithm.SHA256)
+        self._key = self._mac.prepare_key(self._secret)  # PyJWT's key checks, once
+        # Header segments already checked: an issuer writes the same one into every token. Only
+        # tokens whose MAC verified get here, so strangers cannot fill it; the bound is for a key
+        # shared by many issuers.
         self._headers: set[str] = set()
-        self._jws.unregister_algorithm(ALGORITHM)
-        self._jws.register_algorithm(ALGORITHM, _PreparedHS256(self._secret))
 
     def verify(self, token: str) -> Grant:
         grant = self._verified.get(token)
@@ -174,16 +167,18 @@ class TokenVerifier:
     def _check(self, token: str) -> Grant:
         if len(token) > _MAX_TOKEN_CHARS:
             raise InvalidToken("token too large")
-        try:
-            signed = self._jws.decode_complete(token, self._secret, algorithms=[ALGORITHM])
-        except jwt.InvalidTokenError:
-            raise InvalidToken("token is not valid") from None
-        header = token.partition(".")[0]
+        header, _, rest = token.partition(".")
+        payload, _, signature = rest.partition(".")
+        if not payload or "." in signature:
+            raise InvalidToken("token is not valid")
+        mac = _segment(signature)
+        if not self._mac.verify(f"{header}.{payload}".encode(), self._key, mac):
+            raise InvalidToken("token is not valid")
         if header not in self._headers:
-            _json_object(base64url_decode(header))  # repeated names
+            _check_header(_json_object(_segment(header)))  # repeated names refused too
             if len(self._headers) < _HEADERS_REMEMBERED:
                 self._headers.add(header)
-        claims = _json_object(signed["payload"])
+        claims = _json_object(_segment(payload))
         for name in ("account_id", "exp"):
             if claims.get(name) is None:
                 raise InvalidToken(f"token lacks the required claim '{name}'")
