@@ -15,7 +15,6 @@ from typing import Any
 
 import jwt
 from jwt.algorithms import HMACAlgorithm
-from jwt.utils import base64url_decode, base64url_encode
 
 ALGORITHM = "HS256"
 COOKIE_NAME = "relay_token"
@@ -97,6 +96,9 @@ def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
 
 
+_TO_STANDARD = bytes.maketrans(b"-_", b"+/")
+
+
 def _segment(segment: str) -> bytes:
     """One base64url segment of a compact JWS, as strictly as PyJWT 2.15 reads it: up to two
     trailing `=` where the length allows them, the alphabet only, and the canonical encoding of
@@ -108,11 +110,10 @@ def _segment(segment: str) -> bytes:
         raise InvalidToken("token is not valid")
     if len(stripped) % 4 == 1 or not _BASE64URL.fullmatch(stripped):
         raise InvalidToken("token is not valid")
-    try:
-        decoded = base64url_decode(stripped)
-    except (TypeError, binascii.Error):
-        raise InvalidToken("token is not valid") from None
-    if base64url_encode(decoded) != stripped:
+    standard = stripped.translate(_TO_STANDARD)
+    decoded = binascii.a2b_base64(standard + b"=" * (-len(standard) % 4))
+    canonical = binascii.b2a_base64(decoded, newline=False).rstrip(b"=")
+    if canonical != standard:  # unused low bits set: another token meaning the same bytes
         raise InvalidToken("token is not valid")
     return decoded
 
@@ -130,10 +131,10 @@ def _check_header(header: Mapping[str, Any]) -> None:
 class TokenVerifier:
     """Checks tokens; a token seen recently is not checked again until it expires.
 
-    The compact JWS is read here, strictly, and its HS256 MAC checked by PyJWT's HMAC algorithm
-    with the key prepared once. PyJWS's general path (any algorithm, JWKs, detached payloads)
-    cost 40 µs of each new client's connection; what it checks that matters to an HS256 verifier
-    is checked here too, and a test compares the two verdicts on a catalogue of headers. Claims
+    PyJWT issues them; the compact JWS is read here, strictly, and its HS256 MAC compared in
+    constant time. PyJWS's general path (any algorithm, JWKs, detached payloads) cost 40-60 µs
+    of each new client's connection; what it checks that matters to an HS256 verifier is checked
+    here too, and a test compares the two verdicts on a catalogue of headers. Claims
     are read once, with repeated names refused. A reconnecting fleet presents the same tokens
     again; the memory of them is bounded and holds only tokens that verified.
     """
@@ -143,8 +144,8 @@ class TokenVerifier:
         self._max_ttl = max_ttl_seconds
         self._remembered = remembered
         self._verified: OrderedDict[str, Grant] = OrderedDict()
-        self._mac = HMACAlgorithm(HMACAlgorithm.SHA256)
-        self._key = self._mac.prepare_key(self._secret)  # PyJWT's key checks, once
+        # PyJWT refuses HMAC keys that look like PEM, SSH or JWK public keys (key confusion).
+        self._key = HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(self._secret)
         # Header segments already checked: an issuer writes the same one into every token. Only
         # tokens whose MAC verified get here, so strangers cannot fill it; the bound is for a key
         # shared by many issuers.
@@ -171,8 +172,8 @@ class TokenVerifier:
         payload, _, signature = rest.partition(".")
         if not payload or "." in signature:
             raise InvalidToken("token is not valid")
-        mac = _segment(signature)
-        if not self._mac.verify(f"{header}.{payload}".encode(), self._key, mac):
+        expected = hmac.digest(self._key, f"{header}.{payload}".encode(), "sha256")
+        if not hmac.compare_digest(_segment(signature), expected):
             raise InvalidToken("token is not valid")
         if header not in self._headers:
             _check_header(_json_object(_segment(header)))  # repeated names refused too

@@ -44,7 +44,11 @@ class EventsRequest:
             elif name == b"last-event-id" and last_event_id is None:
                 last_event_id = value.decode("latin-1")
         raw_query: bytes = scope.get("query_string", b"")
-        query = dict(parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True))
+        query = (
+            dict(parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True))
+            if raw_query
+            else {}
+        )
         client = scope.get("client")
         return cls(
             scope["method"],

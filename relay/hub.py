@@ -119,6 +119,7 @@ class Hub:
         self._outbox: dict[str, list[Stored]] = {}  # events waiting for the next fan-out
         self._events_in: dict[str, Counter] = {}
         self.demand: Demand | None = None
+        metrics.clients.set_function(self.clients)  # read when scraped, not set per connection
         broker.attach(self.deliver)
 
     # -- sources -------------------------------------------------------------------------------
@@ -258,7 +259,6 @@ class Hub:
         if subscriber.peer is not None:
             self._per_peer[subscriber.peer] = self._per_peer.get(subscriber.peer, 0) + 1
         self.emptied.clear()
-        self._metrics.clients.set(self._count)
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         audience = self._accounts.get(subscriber.account_id)
@@ -273,7 +273,6 @@ class Hub:
                 del self._per_peer[subscriber.peer]
         if not self._count:
             self.emptied.set()
-        self._metrics.clients.set(self._count)
         if not audience:
             del self._accounts[subscriber.account_id]
             self._broker.unwatch(subscriber.account_id)
