@@ -84,6 +84,9 @@ def configure_logging(level: str = "INFO", *, json_output: bool | None = None) -
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # uvicorn's protocol formats a TRACE line for every connection made and lost unless its
+    # logger's own level (not the effective one) rules TRACE out.
+    logging.getLogger("uvicorn.error").setLevel(level)
     access = logging.getLogger("uvicorn.access")
     access.addFilter(_AccessLogFilter())
     # httpx logs every request URL at INFO; the relay logs its own upstream events instead.
