@@ -23,6 +23,7 @@ from relay.lease import leased_upstreams
 from relay.metrics import Metrics
 from relay.sessions import session_source_for
 from relay.sse import encode_comment
+from relay.stream_transport import for_upstream
 from relay.upstream import UpstreamManager
 
 log = structlog.get_logger(__name__)
@@ -81,8 +82,8 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
     # One TLS context (its CA bundle) for every upstream connection, loaded now rather than while
     # the first client waits for its account's upstream.
     tls = httpx.create_ssl_context()
-    # Session requests only: each account's streams have a pool of their own (upstream.py).
-    async with httpx.AsyncClient(timeout=timeout, verify=tls) as http:
+    # Session requests only: each account's streams have a client of their own (upstream.py).
+    async with httpx.AsyncClient(timeout=timeout, verify=tls, transport=for_upstream(tls)) as http:
         # httpx's transport loads anyio's asyncio backend on its first request: load it during
         # start-up rather than while the first client waits for its account's upstream (tens of
         # milliseconds of CPU where no bytecode is cached).

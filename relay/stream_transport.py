@@ -1,4 +1,4 @@
-"""An httpx transport for long-lived event streams: one request per connection, read by callbacks.
+"""An httpx transport for the upstream's requests: one request per connection, read by callbacks.
 
 httpx's own transport reads a response body through httpcore, h11 and anyio: an anyio cancel scope,
 a pause and a resume of the socket's reading, an h11 state-machine step and five nested async
@@ -29,8 +29,8 @@ _PAUSE_ABOVE_BYTES = 1024 * 1024
 _RESUME_BELOW_BYTES = 256 * 1024
 
 
-def for_streams(tls: ssl.SSLContext) -> StreamTransport | None:
-    """The transport for event streams, or None when a proxy is configured in the environment."""
+def for_upstream(tls: ssl.SSLContext) -> StreamTransport | None:
+    """The transport for upstream requests, or None when the environment configures a proxy."""
     proxies = urllib.request.getproxies()
     if any(proxies.get(scheme) for scheme in ("http", "https", "all")):
         return None

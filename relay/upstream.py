@@ -56,7 +56,7 @@ from relay.sessions import (
     describe_http_error,
 )
 from relay.sse import Event, LineTooLong, SSEParser
-from relay.stream_transport import StreamTransport, for_streams
+from relay.stream_transport import StreamTransport, for_upstream
 
 log = structlog.get_logger(__name__)
 RESERVED_PREFIX = "relay."  # relay.upstream, relay.reset: the relay's own events
@@ -588,7 +588,7 @@ class UpstreamManager:
         self._http = http  # for sessions; each account's streams get a pool of their own
         # Loading the CA bundle takes tens of milliseconds of CPU: once, before any client waits.
         self._tls = tls if tls is not None else httpx.create_ssl_context()
-        self._stream_transport: StreamTransport | None = for_streams(self._tls)
+        self._stream_transport: StreamTransport | None = for_upstream(self._tls)
         if self._stream_transport is None:
             log.info("a proxy is set in the environment: upstream streams use httpx's transport")
         self._rng = rng or random.Random()

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.stream_transport import StreamTransport, for_streams
+from relay.stream_transport import StreamTransport, for_upstream
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -21,12 +21,16 @@ HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
 
 @contextlib.asynccontextmanager
 async def server(
-    answer: Answer, tls: ssl.SSLContext | None = None
+    answer: Answer,
+    tls: ssl.SSLContext | None = None,
+    readers: dict[asyncio.StreamWriter, asyncio.StreamReader] | None = None,
 ) -> AsyncIterator[tuple[str, list[bytes]]]:
     """A server that hands each request head to `answer`; yields its base URL and the heads."""
     heads: list[bytes] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if readers is not None:
+            readers[writer] = reader  # for an answer that reads the request body
         try:
             head = await reader.readuntil(b"\r\n\r\n")
             heads.append(head)
@@ -113,6 +117,23 @@ async def test_a_gzipped_stream_is_decoded_by_httpx_above_the_transport() -> Non
 
     async with server(answer) as (url, _):
         assert await body(url) == b"data: compressed\n\n"
+
+
+async def test_a_post_carries_its_body_and_reads_a_sized_answer() -> None:
+    received: list[bytes] = []
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        received.append(await reader_of[writer].readexactly(length))
+        body = b'{"client_secret": "cs_1", "expires_at": null}'
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
+
+    reader_of: dict[asyncio.StreamWriter, asyncio.StreamReader] = {}
+    async with server(answer, readers=reader_of) as (url, heads), client() as http:
+        response = await http.post(f"{url}/v1/account_sessions", json={"account": "acct_1"})
+    assert response.json() == {"client_secret": "cs_1", "expires_at": None}
+    assert received == [b'{"account":"acct_1"}']
+    assert heads[0].startswith(b"POST /v1/account_sessions HTTP/1.1\r\n")
 
 
 async def test_a_refusal_is_an_ordinary_response() -> None:
@@ -232,6 +253,6 @@ def test_a_proxy_in_the_environment_leaves_the_streams_to_httpx(
         "all_proxy",
     ):
         monkeypatch.delenv(name, raising=False)
-    assert isinstance(for_streams(ssl.create_default_context()), StreamTransport)
+    assert isinstance(for_upstream(ssl.create_default_context()), StreamTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
-    assert for_streams(ssl.create_default_context()) is None
+    assert for_upstream(ssl.create_default_context()) is None
