@@ -1,12 +1,16 @@
-"""The least a delivery can cost on this machine: one small write per client on bare sockets.
+"""What a delivery and a connection cost on this machine before any relay logic: two floors.
 
     uv run python -m bench.floor [--clients 1000 5000 10000]
 
-N loopback connections are held by a reader process that drains them; this process sends one SSE
-frame (the size of the bench's events) to each of them, 50 times 0.1 s apart, as a fan-out at
-10 events/s does, and reports its CPU time per write. No HTTP, no asyncio, no Python beyond the
-`send` loop: what is left is the kernel's cost of a write on loopback, which every relay pays once
-per delivery however it is written.
+Write floor: N loopback connections are held by a reader process that drains them; this process
+sends one SSE frame (the size of the bench's events) to each of them, 50 times 0.1 s apart, as a
+fan-out at 10 events/s does, and reports its CPU time per write. No HTTP, no asyncio, no Python
+beyond the `send` loop: what is left is the kernel's cost of a write on loopback, which every relay
+pays once per delivery however it is written.
+
+Connection floor: the bench's own clients connect to bench/empty_sse.py (uvicorn as the relay runs
+it, with an app that only sends `connected`), and its CPU per connection is read from /proc as the
+bench reads the relay's: what uvicorn, ASGI and the kernel cost before a token is checked.
 """
 
 from __future__ import annotations
@@ -14,11 +18,22 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import resource
+import secrets
 import selectors
 import socket
+import tempfile
 import time
 from collections.abc import Sequence
 from multiprocessing.synchronize import Event
+from pathlib import Path
+
+import uvloop
+
+from bench import servers
+from bench.fleet import Fleet
+from bench.procstats import sample
+from bench.run import HOST, worker_plans
+from bench.scenarios import Scenario
 
 ROUNDS = 50
 ROUND_SECONDS = 0.1
@@ -88,13 +103,38 @@ def cpu_per_write(clients: int, rounds: int = ROUNDS) -> float:
     return cpu / (clients * rounds) * 1e6
 
 
+async def cpu_per_connection(clients: int) -> float:
+    """Microseconds of bench/empty_sse.py's CPU per client connected, as the bench counts them."""
+    scenario = Scenario("floor", clients, accounts=1, events_per_account=0, rate_per_account=0)
+    with tempfile.TemporaryDirectory(prefix="relay-floor-") as workdir:
+        async with servers.empty(Path(workdir), HOST) as server:
+            plans = worker_plans(scenario, server.port, secrets.token_urlsafe(32))
+            async with Fleet.started(plans) as fleet:
+                before = sample(server.pid)
+                connected = await fleet.connect(below=clients)
+                after = sample(server.pid)
+    if connected.opened < clients:
+        raise RuntimeError(f"only {connected.opened} of {clients} clients connected")
+    return (after.cpu_seconds - before.cpu_seconds) / clients * 1e6
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.floor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--clients", type=int, nargs="+", default=[1_000, 5_000, 10_000])
     args = parser.parse_args(argv)
     raise_file_limit()
     for clients in args.clients:
-        print(f"{clients:>6,} clients: {cpu_per_write(clients):.1f} µs CPU per write", flush=True)
+        write = cpu_per_write(clients)
+        connection = uvloop.run(cpu_per_connection(clients))
+        print(
+            f"{clients:>6,} clients: {write:.1f} µs CPU per write, "
+            f"{connection:.0f} µs CPU per connection (uvicorn, empty SSE app)",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

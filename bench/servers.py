@@ -1,4 +1,5 @@
-"""The processes under test, each started alone: the simulator, the relay and the naive baseline.
+"""The processes under test, each started alone: the simulator, the relay, the naive baseline and the
+empty SSE server of the connection floor.
 
 Each server is its own process so /proc can tell its CPU time and memory apart from the load
 generator's. Their logs go to files in the run's directory, never to a pipe nobody reads.
@@ -116,6 +117,13 @@ def simulator(workdir: Path, host: str) -> contextlib.AbstractAsyncContextManage
     argv = [sys.executable, "-m", "relay", "simulate", "--host", host, "--port", str(port)]
     argv += ["--call-interval", "0"]
     return _running("simulator", argv, host, port, workdir / "simulator.log", {})
+
+
+def empty(workdir: Path, host: str) -> contextlib.AbstractAsyncContextManager[ServerProcess]:
+    """bench/empty_sse.py: uvicorn as the relay runs it, with an app that only says `connected`."""
+    port = free_port(host)
+    argv = [sys.executable, "-m", "bench.empty_sse", "--host", host, "--port", str(port)]
+    return _running("empty", argv, host, port, workdir / "empty.log", {})
 
 
 def server(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench.client import BenchClient, Recorder, SSEConnection
-from bench.floor import cpu_per_write
+from bench.floor import cpu_per_connection, cpu_per_write
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -100,3 +100,8 @@ def test_the_write_floor_measures_something() -> None:
     assert (
         0 < cpu_per_write(50, rounds=5) < 10_000
     )  # µs per write: the command runs and reports a figure
+
+
+async def test_the_connection_floor_measures_something() -> None:
+    # 500 clients: enough CPU for the 10 ms ticks of /proc to count it on a fast machine too.
+    assert 0 < await cpu_per_connection(500) < 100_000  # µs per connection
