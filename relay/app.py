@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,9 @@ from relay.subscriber import Subscriber
 from relay.webhooks import dialstack_webhook
 
 log = structlog.get_logger(__name__)
-# One line per request, written by the relay rather than uvicorn: /v1/events logs its streams as
-# "client connected" and the rest here, so no stream pays for an access record that is dropped.
+# One line per request, written by the relay rather than uvicorn: /v1/events logs each stream once,
+# as "client disconnected" when it ends (with its duration, like an access line written at the end
+# of a request), and the rest here, so no stream pays for an access record that is dropped.
 access_log = structlog.get_logger("relay.access")
 STATIC_DIR = Path(__file__).parent / "static"
 EVENTS_PATH = "/v1/events"
@@ -88,18 +90,21 @@ async def events(relay: Relay, request: EventsRequest) -> Response | SubscriberS
         )
     except Full as exc:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after)})
-    log.info(
-        "client connected",
-        account=grant.account_id,
-        subject=grant.subject,
-        resumed=bool(last_event_id),
-        reset=opened.reset is not None,
-        replayed=len(opened.replay),
-    )
+    opened_at = time.monotonic()
+    log.debug("client connected", account=grant.account_id, subject=grant.subject)
 
     def closed(subscriber: Subscriber) -> None:
         relay.hub.unsubscribe(subscriber)
-        log.info("client disconnected", account=subscriber.account_id, cut=subscriber.cut_reason)
+        log.info(
+            "client disconnected",
+            account=subscriber.account_id,
+            subject=grant.subject,
+            resumed=bool(last_event_id),
+            reset=opened.reset is not None,
+            replayed=len(opened.replay),
+            cut=subscriber.cut_reason,
+            seconds=round(time.monotonic() - opened_at, 3),
+        )
 
     return SubscriberStream(
         opened,
@@ -266,7 +271,7 @@ async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         response: ASGIApp = await events(relay, request)
     else:
         response = error(405, "use GET", {"Allow": "GET, HEAD"})
-    if isinstance(response, Response):  # an open stream logs "client connected" instead
+    if isinstance(response, Response):  # an open stream logs "client disconnected" instead
         log_request(scope, response.status_code)
     await response(scope, receive, send)
 

@@ -197,13 +197,20 @@ async def test_logs_never_contain_a_token_or_secret(tmp_path: Path) -> None:
             relay.proc.wait(timeout=EXIT_BOUND_SECONDS)
             client_secrets = [s.client_secret for s in sim._sessions._by_secret.values()]
     logs = relay.logs()
-    assert "client connected" in logs  # the scan reads real logs
+    assert "client disconnected" in logs  # the scan reads real logs
     assert "upstream state" in logs
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     assert lines, "logs are JSON lines when not a terminal"
     # The relay's own access lines: the refused stream and the admin calls, paths without queries.
     answered = {(line["path"], line["status"]) for line in lines if line["event"] == "request"}
     assert {("/v1/events", 401), ("/v1/tokens", 200), ("/v1/status", 200)} <= answered
+    # Each stream's one access line, written as it ended.
+    ended = [line for line in lines if line["event"] == "client disconnected"]
+    assert ended
+    for line in ended:
+        assert line["account"] == "acct_ops"
+        assert {"subject", "resumed", "reset", "replayed", "cut"} <= line.keys()
+        assert line["seconds"] >= 0
     assert client_secrets, "the relay fetched at least one session"
     secrets = [
         AUTH_SECRET,
