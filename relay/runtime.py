@@ -84,9 +84,9 @@ async def open_relay(settings: Settings) -> AsyncIterator[Relay]:
     tls = httpx.create_ssl_context()
     # Session requests only: each account's streams have a client of their own (upstream.py).
     async with httpx.AsyncClient(timeout=timeout, verify=tls, transport=for_upstream(tls)) as http:
-        # httpx's transport loads anyio's asyncio backend on its first request: load it during
-        # start-up rather than while the first client waits for its account's upstream (tens of
-        # milliseconds of CPU where no bytecode is cached).
+        # httpx's own transport (taken when a proxy is configured) and Starlette's file responses
+        # load anyio's asyncio backend on first use: load it during start-up rather than while a
+        # client waits (tens of milliseconds of CPU where no bytecode is cached).
         await anyio.lowlevel.checkpoint()
 
         def upstreams_for(sink: ChannelSink) -> UpstreamManager:

@@ -8,8 +8,13 @@ response with httptools (llhttp, C; uvicorn[standard] already brings it) as the 
 the body iterator only waits when nothing is buffered. Everything above it stays httpx: the client,
 its requests and responses, event hooks, timeouts and content decoding.
 
-It serves `GET /v1/events` (relay/upstream.py): no pooling, no keep-alive, no HTTP/2, no proxy. When the environment names a proxy (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY), `for_streams`
-returns None and the streams use httpx's own transport, which honours it.
+It serves the upstream's `GET /v1/events` and session requests (relay/upstream.py, runtime.py):
+no pooling, no keep-alive, no HTTP/2, no proxy. A stream holds its connection for an hour and a
+session is fetched once an hour per account, so a pool would save little; httpcore's costs more
+than it saves, since it scans every pooled connection on every request (quadratic in the size of
+the pool when 1,000 accounts start at once). When the environment names a proxy (HTTP_PROXY,
+HTTPS_PROXY, ALL_PROXY), `for_upstream` returns None and httpx's own transport, which honours it,
+is used instead.
 """
 
 from __future__ import annotations
