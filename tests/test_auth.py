@@ -37,11 +37,13 @@ def signed(claims: dict[str, object], key: str = SECRET, **kwargs: object) -> st
     return jwt.encode(claims, key, algorithm="HS256", **kwargs)  # type: ignore[arg-type]
 
 
-def signed_raw(claims: str) -> str:
-    """A correctly signed token around claims JSON that json.dumps would not write."""
-    head = b64({"alg": "HS256", "typ": "JWT"})
+def signed_raw(claims: str, alg: str = "HS256") -> str:
+    """A token signed with SECRET around claims JSON that json.dumps would not write, or with
+    another HMAC algorithm (PyJWT would warn that SECRET is short for SHA-512)."""
+    digest = {"HS256": hashlib.sha256, "HS512": hashlib.sha512}[alg]
+    head = b64({"alg": alg, "typ": "JWT"})
     body = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=").decode()
-    mac = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    mac = hmac.new(SECRET.encode(), f"{head}.{body}".encode(), digest).digest()
     return f"{head}.{body}." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
 
 
@@ -75,7 +77,7 @@ def test_issued_token_round_trips() -> None:
             "not valid",
         ),
         (
-            jwt.encode({"account_id": "acct_1", "exp": soon()}, SECRET, algorithm="HS512"),
+            signed_raw(json.dumps({"account_id": "acct_1", "exp": soon()}), alg="HS512"),
             "not valid",
         ),
         (signed({"account_id": "acct_1", "exp": soon(), "iat": soon()}), "not yet valid"),
