@@ -244,3 +244,51 @@ def test_header_checks_are_remembered_but_a_repeated_name_is_still_refused() -> 
     with pytest.raises(InvalidToken, match="repeats a name"):
         fresh.verify(token)
     assert len(fresh._headers) == 1
+
+
+def _signature_variants(canonical: str) -> list[str]:
+    last = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    other_low_bits = last[last.index(canonical[-1]) ^ 1]  # same 32 bytes, unused bits differ
+    return [
+        canonical,
+        canonical + "=",
+        canonical + "==",
+        canonical + "===",
+        canonical[:-1] + other_low_bits,
+        canonical[:-1] + other_low_bits + "=",
+        canonical[:-1],
+        canonical + "A",
+        canonical.replace("-", "+").replace("_", "/"),
+        canonical[:20] + "=" + canonical[20:],
+        canonical + " ",
+        " " + canonical,
+        canonical + "\n",
+        canonical + "é",
+        "",
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 14),
+    st.text("AZaz09-_=+/ .é", max_size=3),
+    st.booleans(),
+)
+def test_the_signature_segment_gets_pyjwts_verdict(variant: int, edit: str, append: bool) -> None:
+    claims = {"account_id": "acct_1", "exp": soon()}
+    head, body, canonical = signed(claims).split(".")
+    signature = _signature_variants(canonical)[variant]
+    signature = signature + edit if append else edit + signature
+    token = f"{head}.{body}.{signature}"
+    try:
+        jwt.PyJWS().decode_complete(token, SECRET, algorithms=["HS256"])
+        pyjwt_accepts = True
+    except jwt.InvalidTokenError:
+        pyjwt_accepts = False
+    try:
+        TokenVerifier(SECRET, max_ttl_seconds=3600).verify(token)
+        ours = True
+    except InvalidToken:
+        ours = False
+    assert ours == pyjwt_accepts, (signature, pyjwt_accepts)
+    assert ours == (signature in (canonical, canonical + "="))  # bare, or with its one `=`
