@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
@@ -27,7 +28,7 @@ from relay.auth import InvalidToken, admin_key_matches
 from relay.channel import UpstreamState
 from relay.config import Settings
 from relay.events_request import EventsRequest, bearer_token
-from relay.hub import Full
+from relay.hub import Full, Hub
 from relay.lease import held_elsewhere
 from relay.runtime import Relay, drain, open_relay
 from relay.stream import STREAM_HEADERS, SubscriberStream
@@ -90,27 +91,45 @@ async def events(relay: Relay, request: EventsRequest) -> Response | SubscriberS
         )
     except Full as exc:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after)})
-    opened_at = time.monotonic()
     log.debug("client connected", account=grant.account_id, subject=grant.subject)
-
-    def closed(subscriber: Subscriber) -> None:
-        relay.hub.unsubscribe(subscriber)
-        log.info(
-            "client disconnected",
-            account=subscriber.account_id,
-            subject=grant.subject,
-            resumed=bool(last_event_id),
-            reset=opened.reset is not None,
-            replayed=len(opened.replay),
-            cut=subscriber.cut_reason,
-            seconds=round(time.monotonic() - opened_at, 3),
-        )
-
+    # What the closing line needs, and nothing else: each client holds its stream's callback for
+    # as long as it is connected.
+    closed = functools.partial(
+        _closed,
+        relay.hub,
+        grant.subject,
+        bool(last_event_id),
+        opened.reset is not None,
+        len(opened.replay),
+        time.monotonic(),
+    )
     return SubscriberStream(
         opened,
         retry_ms=relay.settings.server.client_retry_ms,
         status=relay.hub.upstream_status(grant.account_id),
         on_close=closed,
+    )
+
+
+def _closed(
+    hub: Hub,
+    subject: str | None,
+    resumed: bool,
+    reset: bool,
+    replayed: int,
+    opened_at: float,
+    subscriber: Subscriber,
+) -> None:
+    hub.unsubscribe(subscriber)
+    log.info(
+        "client disconnected",
+        account=subscriber.account_id,
+        subject=subject,
+        resumed=resumed,
+        reset=reset,
+        replayed=replayed,
+        cut=subscriber.cut_reason,
+        seconds=round(time.monotonic() - opened_at, 3),
     )
 
 
@@ -265,6 +284,12 @@ def log_request(scope: Scope, status: int) -> None:
 
 
 async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    response = await _events_response(scope)
+    await response(scope, receive, send)
+
+
+async def _events_response(scope: Scope) -> ASGIApp:
+    """The request is read here, so that nothing of it stays with an open stream."""
     request = EventsRequest.of(scope)
     if request.method in ("GET", "HEAD"):
         relay: Relay = scope["app"].state.relay
@@ -273,7 +298,7 @@ async def events_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         response = error(405, "use GET", {"Allow": "GET, HEAD"})
     if isinstance(response, Response):  # an open stream logs "client disconnected" instead
         log_request(scope, response.status_code)
-    await response(scope, receive, send)
+    return response
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

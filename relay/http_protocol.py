@@ -5,10 +5,11 @@
   the request gets a JSON 431 and the connection is closed.
 - The `relay.connection` scope extension (`connection_of(scope)`): `abort()`, since ASGI can only end
   a response and uvicorn's close then waits for the unsent bytes, so a cut client that keeps its
-  socket and never reads would keep the connection forever (abort drops the unsent bytes); a `lost`
-  callback, so a stream learns that its client went away without a task parked in `receive()` for
-  it; and the transport's `write` with a `paused` callback, so the fan-out writes each event's
-  bytes into a socket with no ASGI message, no flow check and no call of the relay's per client.
+  socket and never reads would keep the connection forever (abort drops the unsent bytes); a
+  `listener` told when the client goes, so a stream learns it without a task parked in `receive()`
+  for it; and the transport's `write`, with the listener told when the transport pauses, so the
+  fan-out writes each event's bytes into a socket with no ASGI message, no flow check and no call
+  of the relay's per client.
 - The response head and the first body part leave in one write. uvicorn writes each ASGI message
   at once: for an event stream that is two packets and two wake-ups of the client per connection.
 """
@@ -19,7 +20,7 @@ import asyncio
 import json
 import weakref
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from starlette.types import Scope
 from uvicorn.protocols.http.flow_control import FlowControl
@@ -46,10 +47,21 @@ def http_chunk(body: bytes) -> bytes:
     return b"%x\r\n%b\r\n" % (len(body), body)
 
 
+class Listener(Protocol):
+    """What a request that holds its connection open is told (a subscriber, relay/subscriber.py)."""
+
+    def closed(self) -> None:
+        """The client has gone."""
+
+    def paused(self) -> None:
+        """The transport paused writing (its buffer passed the high-water mark); called from
+        inside the write that filled it."""
+
+
 class Connection:
     """One request's view of its connection, beyond ASGI."""
 
-    __slots__ = ("_cycle", "_flow", "_transport", "is_lost", "lost", "paused")
+    __slots__ = ("_cycle", "_flow", "_transport", "is_lost", "listener")
 
     def __init__(self, transport: asyncio.Transport, flow: FlowControl) -> None:
         self._transport = transport
@@ -58,10 +70,9 @@ class Connection:
         # strong reference back would leave every finished request to the cycle collector.
         self._cycle: weakref.ref[RequestResponseCycle] | None = None
         self.is_lost = False
-        self.lost: Callable[[], None] | None = None  # called once the client has gone
-        # Called when the transport pauses writing (its buffer passed the high-water mark), from
-        # inside the write that filled it.
-        self.paused: Callable[[], None] | None = None
+        # One object rather than two callbacks: each open stream keeps it (relay/serve.py says
+        # why the objects a client keeps matter).
+        self.listener: Listener | None = None
 
     def bind(self, cycle: RequestResponseCycle) -> None:
         """The protocol's: the request/response cycle this connection now serves."""
@@ -77,7 +88,7 @@ class Connection:
         first part is out).
 
         It is what uvicorn's `send` of a body part calls when it need not wait. The caller must
-        not write while the transport is paused (`paused`, `writable`); a write to a transport
+        not write while the transport is paused (`Listener.paused`, `writable`); a write to a transport
         that the client reset before its loss was reported raises, as uvicorn's would.
         """
         cycle = self._cycle() if self._cycle is not None else None
@@ -175,13 +186,13 @@ class RelayHttpProtocol(HttpToolsProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         connection = self._connection
-        if connection is not None and connection.paused is not None:
-            connection.paused()
+        if connection is not None and connection.listener is not None:
+            connection.listener.paused()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         connection = self._connection
         if connection is not None and not connection.is_lost:
             connection.is_lost = True
-            if connection.lost is not None:
-                connection.lost()
+            if connection.listener is not None:
+                connection.listener.closed()

@@ -119,6 +119,7 @@ class Hub:
         self._outbox: dict[str, list[Stored]] = {}  # events waiting for the next fan-out
         self._events_in: dict[str, Counter] = {}
         self.demand: Demand | None = None
+        self._on_cut = self._cut  # one bound method for every subscriber, not one each
         metrics.clients.set_function(self.clients)  # read when scraped, not set per connection
         broker.attach(self.deliver)
 
@@ -225,7 +226,7 @@ class Hub:
             audience,
             peer=peer,
             capacity=self._limits.client_buffer_events,
-            on_cut=self._cut,
+            on_cut=self._on_cut,
         )
         self._add(subscriber, audience)
         if not last_event_id:

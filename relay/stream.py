@@ -17,7 +17,7 @@ from collections.abc import Callable
 from starlette.types import Receive, Scope, Send
 
 from relay.channel import UpstreamStatus
-from relay.http_protocol import Connection, connection_of
+from relay.http_protocol import connection_of
 from relay.hub import Opened, reset_frame, upstream_frame
 from relay.sse import encode_event
 from relay.subscriber import CutReason, Subscriber
@@ -40,9 +40,10 @@ def _body(chunk: bytes, more: bool = True) -> dict[str, object]:
     return {"type": "http.response.body", "body": chunk, "more_body": more}
 
 
-async def _until_disconnect(receive: Receive) -> None:
+async def _until_disconnect(receive: Receive, subscriber: Subscriber) -> None:
     while (await receive())["type"] != "http.disconnect":
         pass
+    subscriber.closed()
 
 
 class SubscriberStream:
@@ -65,46 +66,31 @@ class SubscriberStream:
         self._on_close = on_close
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # One coroutine for the whole stream, its flush loop included: each open stream keeps its
+        # frames for as long as it lasts (relay/serve.py says why that matters).
         subscriber = self._subscriber
         connection = connection_of(scope)
         watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
-            await send(_body(self._first))
+            first, self._first = self._first, b""  # kept by no one once sent
+            await send(_body(first))
             if connection is not None:  # the relay's own server says when the client goes
-                connection.lost = functools.partial(subscriber.cut, CutReason.CLOSED)
-                connection.paused = subscriber.paused
+                connection.listener = subscriber
                 if connection.is_lost:
                     subscriber.cut(CutReason.CLOSED)
             else:  # any other ASGI server: a task waits for http.disconnect
-                watcher = asyncio.create_task(_until_disconnect(receive))
-                watcher.add_done_callback(lambda _: subscriber.cut(CutReason.CLOSED))
+                watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
             subscriber.attach(send, connection.writer() if connection else None)
-            await self._flush_until_end(send, connection)
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            if connection is not None:
-                connection.lost = connection.paused = None
-            self._on_close(subscriber)
-        if subscriber.cut_reason is CutReason.SLOW and connection is not None:
-            # Its unsent bytes would keep the connection open for as long as the client holds it.
-            connection.abort()
-            await asyncio.sleep(0)  # the server sees the connection lost before the app returns
-
-    async def _flush_until_end(self, send: Send, connection: Connection | None) -> None:
-        subscriber = self._subscriber
-        try:
             while True:
-                await subscriber.wakeup.wait()
-                subscriber.wakeup.clear()
+                await subscriber.work()
+                subscriber.has_work = False
                 while subscriber.frames and subscriber.cut_reason is not CutReason.CLOSED:
                     await send(_body(subscriber.take()))  # uvicorn's send waits for the drain
                 if subscriber.cut_reason is CutReason.SHUTDOWN:
                     await send(_body(b"", more=False))
-                    return
                 if subscriber.cut_reason is not None:
-                    return
+                    break
                 if connection is not None:
                     # Direct writes take no notice of a paused transport: resume them only once
                     # it drained.
@@ -113,10 +99,20 @@ class SubscriberStream:
                     subscriber.unblock()
         except asyncio.CancelledError:
             task = asyncio.current_task()
-            if (
+            if not (
                 subscriber.cut_reason is CutReason.SLOW
                 and task is not None
                 and task.uncancel() == 0
             ):
-                return  # cut while its socket was backed up: leave, and abort the connection
-            raise
+                raise
+            # Cut while its socket was backed up: leave, and abort the connection below.
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            if connection is not None:
+                connection.listener = None
+            self._on_close(subscriber)
+        if subscriber.cut_reason is CutReason.SLOW and connection is not None:
+            # Its unsent bytes would keep the connection open for as long as the client holds it.
+            connection.abort()
+            await asyncio.sleep(0)  # the server sees the connection lost before the app returns

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections import deque
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 from starlette.types import Send
 
@@ -35,11 +33,10 @@ class CutReason(enum.StrEnum):
     SHUTDOWN = "shutdown"  # the relay is draining: end the stream cleanly
 
 
-@dataclass(frozen=True, slots=True)
-class Interest:
+class Interest(NamedTuple):
     """Which of its account's events a client gets: the event types its token and query allow, and
     events of its user or of no user. Clients with equal interests are matched against an event
-    once, as a group."""
+    once, as a group (a tuple: hashed in C, as a key of the audience's groups)."""
 
     events: frozenset[str] | None = None  # None: every type
     user_id: str | None = None  # None: every user's
@@ -54,12 +51,14 @@ class Subscriber:
     __slots__ = (
         "_audience",
         "_direct",
+        "_waiter",
         "_write",
         "account_id",
         "blocked",
         "capacity",
         "cut_reason",
         "frames",
+        "has_work",
         "interest",
         "on_cut",
         "peer",
@@ -67,7 +66,6 @@ class Subscriber:
         "replay_bound",
         "send",
         "task",
-        "wakeup",
     )
 
     def __init__(
@@ -87,8 +85,12 @@ class Subscriber:
         self.on_cut = on_cut
         self._audience = audience
         self._direct = False  # in the audience's direct groups
-        self.frames: deque[bytes] = deque()
-        self.wakeup = asyncio.Event()  # the response task has work: frames to flush, or an end
+        self.frames: list[bytes] = []
+        # The response task has work: frames to flush, a paused socket to wait out, or an end.
+        # A flag and one future rather than an asyncio.Event: every client holds one, and the
+        # cycle collector walks each object a client keeps (relay/serve.py).
+        self.has_work = False
+        self._waiter: asyncio.Future[None] | None = None
         self.cut_reason: CutReason | None = None
         self.send: Send | None = None  # set once the stream's opening frames are out
         # The transport's write, when the server offers it (relay/http_protocol.py).
@@ -103,6 +105,22 @@ class Subscriber:
 
     def wants(self, event: Stored) -> bool:
         return self.interest.wants(event)
+
+    def work(self) -> asyncio.Future[None]:
+        """Done once `has_work` is set (at once if it is): the response task awaits it, then
+        clears `has_work` before it looks at what there is to do."""
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            if self.has_work:
+                waiter.set_result(None)
+        return waiter
+
+    def _wake(self) -> None:
+        self.has_work = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     # -- direct or not -------------------------------------------------------------------------
 
@@ -128,7 +146,7 @@ class Subscriber:
         """The transport paused writing: what it already took stays, the rest queues."""
         self.blocked = True
         self._settle()
-        self.wakeup.set()  # the task waits for the drain, then lets it be direct again
+        self._wake()  # the task waits for the drain, then lets it be direct again
 
     def unblock(self) -> None:
         """The response task flushed the queue and the socket takes bytes again."""
@@ -176,7 +194,7 @@ class Subscriber:
         self.task = asyncio.current_task()
         if self.frames:
             self.blocked = True  # what queued meanwhile goes first, through the task
-            self.wakeup.set()
+            self._wake()
         self._settle()
 
     def push(self, frame: bytes, chunk: bytes | None = None) -> None:
@@ -198,7 +216,7 @@ class Subscriber:
             self.cut(CutReason.SLOW)
             return
         self.frames.append(frame)
-        self.wakeup.set()
+        self._wake()
 
     def _write_now(self, frame: bytes) -> bool:
         """Run the ASGI send to completion if it needs no wait; False if the socket is backed up.
@@ -238,7 +256,11 @@ class Subscriber:
             self.push(farewell)
             self.cut_reason = CutReason.SHUTDOWN
             self._settle()
-            self.wakeup.set()
+            self._wake()
+
+    def closed(self) -> None:
+        """The client went away (the protocol's `lost` callback)."""
+        self.cut(CutReason.CLOSED)
 
     def cut(self, reason: CutReason) -> None:
         """Drop the subscriber now: nothing more is sent, a write blocked on its socket is abandoned."""
@@ -248,7 +270,7 @@ class Subscriber:
         self.frames.clear()
         self.pending = None
         self._settle()
-        self.wakeup.set()
+        self._wake()
         if reason is CutReason.SLOW and self.blocked and self.task is not None:
             self.task.cancel()  # it may be stuck in a send to a client that stopped reading
         self.on_cut(self)

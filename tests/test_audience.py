@@ -85,7 +85,7 @@ async def test_a_client_whose_socket_pauses_queues_from_then_on_and_gets_nothing
     slow_socket.pause_after = 1
     f.audience.fan_out([event(1)])  # taken by the socket, which then pauses
     assert slow.blocked
-    assert slow.wakeup.is_set()
+    assert slow.has_work
     assert slow_socket.chunks == [http_chunk(event(1).frame)]  # once, not again through offer
     f.audience.fan_out([event(2)])
     f.audience.fan_out([event(3)])
@@ -143,7 +143,7 @@ async def test_ended_clients_leave_the_direct_groups_and_broadcasts_reach_every_
     f.audience.fan_out([event(1, "x")])
     assert socket.chunks[-1] == http_chunk(b"retry: 5\n\n")
     assert sub.cut_reason is CutReason.SHUTDOWN
-    assert sub.wakeup.is_set()
+    assert sub.has_work
     assert other_socket.chunks[-1] == http_chunk(event(1, "x").frame)
     other.cut(CutReason.CLOSED)
     f.audience.broadcast(b": hb\n\n", http_chunk(b": hb\n\n"))

@@ -133,10 +133,17 @@ async def test_the_connection_extension_reports_the_client_leaving_and_can_abort
     connections: asyncio.Queue[Connection] = asyncio.Queue()
     gone = asyncio.Event()
 
+    class Told:
+        def closed(self) -> None:
+            gone.set()
+
+        def paused(self) -> None:
+            pass
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         connection = connection_of(scope)
         assert connection is not None
-        connection.lost = gone.set
+        connection.listener = Told()
         await connections.put(connection)
         await send(START)
         await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
@@ -201,6 +208,16 @@ async def test_a_socket_that_stops_being_read_pauses_its_stream_and_resumes_it_o
     pauses: asyncio.Queue[Connection] = asyncio.Queue()
     done = asyncio.Event()
 
+    class Told:
+        def __init__(self, connection: Connection) -> None:
+            self.connection = connection
+
+        def closed(self) -> None:
+            pass
+
+        def paused(self) -> None:
+            pauses.put_nowait(self.connection)
+
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         connection = connection_of(scope)
         assert connection is not None
@@ -208,7 +225,7 @@ async def test_a_socket_that_stops_being_read_pauses_its_stream_and_resumes_it_o
         await send({"type": "http.response.body", "body": b"x", "more_body": True})
         write = connection.writer()
         assert write is not None
-        connection.paused = lambda: pauses.put_nowait(connection)
+        connection.listener = Told(connection)
         for _ in range(10_000):  # far past the socket buffers, the client not reading
             write(http_chunk(b"y" * 1024))
             if not pauses.empty():

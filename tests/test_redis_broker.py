@@ -201,8 +201,8 @@ async def test_a_resuming_subscriber_gets_replay_then_live_without_gap_or_repeat
         subscriber = opened.subscriber
         async with asyncio.timeout(DEADLINE):
             while b'"n": 209' not in b"".join(subscriber.frames):
-                subscriber.wakeup.clear()
-                await subscriber.wakeup.wait()
+                subscriber.has_work = False
+                await subscriber.work()
         frames = [event.frame for event in opened.replay] + list(subscriber.frames)
         ns = [
             json.loads(line[6:])["n"]

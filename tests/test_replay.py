@@ -104,7 +104,7 @@ def test_slow_subscriber_is_cut_with_bounded_memory() -> None:
         sub.push(frame)
     assert sub.cut_reason is CutReason.SLOW
     assert cut == [sub]
-    assert sub.wakeup.is_set()  # its response task wakes to end the stream
+    assert sub.has_work  # its response task wakes to end the stream
     assert not sub.frames
 
 
