@@ -88,8 +88,8 @@ class Connection:
         first part is out).
 
         It is what uvicorn's `send` of a body part calls when it need not wait. The caller must
-        not write while the transport is paused (`Listener.paused`, `writable`); a write to a transport
-        that the client reset before its loss was reported raises, as uvicorn's would.
+        not write while the transport is paused (`Listener.paused`, `writable`); a write to a
+        transport that the client reset before its loss was reported raises, as uvicorn's would.
         """
         cycle = self._cycle() if self._cycle is not None else None
         if cycle is None or not cycle.chunked_encoding or cycle.response_complete:

@@ -78,7 +78,7 @@ class SubscriberStream:
             if connection is not None:  # the relay's own server says when the client goes
                 connection.listener = subscriber
                 if connection.is_lost:
-                    subscriber.cut(CutReason.CLOSED)
+                    subscriber.closed()
             else:  # any other ASGI server: a task waits for http.disconnect
                 watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
             subscriber.attach(send, connection.writer() if connection else None)

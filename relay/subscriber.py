@@ -259,7 +259,7 @@ class Subscriber:
             self._wake()
 
     def closed(self) -> None:
-        """The client went away (the protocol's `lost` callback)."""
+        """The client went away (as the connection's `Listener`, relay/http_protocol.py)."""
         self.cut(CutReason.CLOSED)
 
     def cut(self, reason: CutReason) -> None:
