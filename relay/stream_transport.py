@@ -46,10 +46,11 @@ class _Response(asyncio.Protocol):
     """One connection: the response head, then its body chunks as they arrive."""
 
     def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[int] = self._loop.create_future()
         self.chunks: deque[bytes] = deque()
         self._buffered = 0
         self._reading_paused = False
@@ -57,6 +58,11 @@ class _Response(asyncio.Protocol):
         self._interim = False  # parsing a 1xx answer, which has no body and is not the response
         self.error: httpx.TransportError | None = None
         self._waiter: asyncio.Future[None] | None = None
+        # The read timeout: one timer for the whole body, re-armed when it finds the consumer was
+        # not waiting all along, rather than a timer set and cancelled around every wait.
+        self._read_timeout = 0.0
+        self._waiting_since = 0.0
+        self._watchdog: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -121,12 +127,37 @@ class _Response(asyncio.Protocol):
         return chunk
 
     async def arrival(self) -> None:
-        """Returns once there is a chunk, the end, or an error."""
-        self._waiter = asyncio.get_running_loop().create_future()
+        """Returns once there is a chunk, the end, or an error (a read timeout, see `watch`)."""
+        self._waiting_since = self._loop.time()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:
             self._waiter = None
+
+    def watch(self, read_timeout: float) -> None:
+        """Fail the body with ReadTimeout once one wait in `arrival` lasts `read_timeout` seconds."""
+        self._read_timeout = read_timeout
+        self._watchdog = self._loop.call_later(read_timeout, self._check_wait)
+
+    def unwatch(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+
+    def _check_wait(self) -> None:
+        self._watchdog = None
+        if self.complete or self.error is not None:
+            return
+        now = self._loop.time()
+        if self._waiter is None:  # busy, not waiting: no wait can time out before now + timeout
+            self._watchdog = self._loop.call_at(now + self._read_timeout, self._check_wait)
+        elif now - self._waiting_since < self._read_timeout:  # a later wait than the one timed
+            self._watchdog = self._loop.call_at(
+                self._waiting_since + self._read_timeout, self._check_wait
+            )
+        else:
+            self._fail(httpx.ReadTimeout(f"no data for {self._read_timeout} s"))
 
     def send(self, data: bytes) -> None:
         assert self._transport is not None
@@ -159,21 +190,19 @@ class _Body(httpx.AsyncByteStream):
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         response = self._response
-        while True:
-            while response.chunks:
-                yield response.take()
-            if response.error is not None:
-                raise response.error
-            if response.complete:
-                return
-            if self._read_timeout is None:
+        if self._read_timeout is not None:
+            response.watch(self._read_timeout)
+        try:
+            while True:
+                while response.chunks:
+                    yield response.take()
+                if response.error is not None:
+                    raise response.error
+                if response.complete:
+                    return
                 await response.arrival()
-                continue
-            try:
-                async with asyncio.timeout(self._read_timeout):
-                    await response.arrival()
-            except TimeoutError:
-                raise httpx.ReadTimeout(f"no data for {self._read_timeout} s") from None
+        finally:
+            response.unwatch()
 
     async def aclose(self) -> None:
         self._response.close()

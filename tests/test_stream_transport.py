@@ -188,6 +188,46 @@ async def test_silence_past_the_read_timeout_and_a_refused_connect() -> None:
         await body(url)
 
 
+async def test_the_read_timeout_times_each_wait_not_a_busy_consumer() -> None:
+    """One timer serves the whole body: a consumer busy for longer than the timeout, and a body
+    that takes many timeouts in all, end only when one wait for bytes lasts that long."""
+    timeout, gaps = 0.4, [0.25] * 6  # each gap under the timeout; 1.5 s in all
+
+    async def steady(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        for n, gap in enumerate(gaps):
+            writer.write(b"1\r\n%d\r\n" % n)
+            await writer.drain()
+            await asyncio.sleep(gap)
+        await asyncio.sleep(10)  # then silence
+
+    loop = asyncio.get_running_loop()
+    received = []
+    last_wait = 0.0
+
+    async def consume(chunks: AsyncIterator[bytes]) -> None:
+        nonlocal last_wait
+        async for chunk in chunks:
+            received.append(chunk)
+            last_wait = loop.time()
+
+    async with (
+        server(steady) as (url, _),
+        client(read=timeout) as http,
+        http.stream("GET", url) as response,
+    ):
+        chunks = response.aiter_bytes()
+        received.append(await anext(chunks))
+        await asyncio.sleep(timeout * 1.5)  # busy, not waiting: no timeout is due
+        with pytest.raises(httpx.ReadTimeout):
+            await consume(chunks)
+        timed_out = loop.time()
+    assert b"".join(received) == b"012345"
+    # The last wait began after the last chunk, and lasted the timeout (the timer's own lateness
+    # aside), not less: the time since the body began or since the first bytes does not count.
+    assert timeout * 0.9 <= timed_out - last_wait < timeout + 2
+
+
 async def test_a_consumer_that_falls_behind_stops_the_socket_being_read() -> None:
     sent = 0
 
