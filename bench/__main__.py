@@ -13,10 +13,12 @@ and writes everything as JSON with the servers' logs under bench/results/<time>/
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import platform
 import secrets
 import shlex
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -64,7 +66,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def run_matrix(
     scenarios: list[Scenario], repeat: int, output: Path
 ) -> tuple[list[Result], list[str]]:
-    """Every run's result, and why the measurements that have none were not made."""
+    """Every run's result, and why the measurements that have none were not made.
+
+    SIGTERM cancels it as Ctrl-C does, so the servers and load workers it started are stopped."""
+    task = asyncio.current_task()
+    assert task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
     secret = secrets.token_urlsafe(48)  # the servers' token key, for this run only
     results = []
     unmeasured = []
@@ -108,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     output.mkdir(parents=True, exist_ok=True)
     # The servers inherit it: each of their clients is a file descriptor too.
     raise_file_limit()
-    runs, unmeasured = uvloop.run(run_matrix(scenarios, args.repeat, output))
+    try:
+        runs, unmeasured = uvloop.run(run_matrix(scenarios, args.repeat, output))
+    except asyncio.CancelledError:
+        print("python -m bench: stopped by SIGTERM; its servers are stopped", file=sys.stderr)
+        return 128 + signal.SIGTERM
     command = shlex.join(
         ["uv", "run", "python", "-m", "bench", *(argv if argv is not None else sys.argv[1:])]
     )

@@ -63,6 +63,48 @@ def test_quick_fanout_delivers_everything_through_both_servers(tmp_path: Path) -
         assert (tmp_path / f"fanout-1k-relay-{run}" / "relay.log").exists()
 
 
+def _session_members(session: int) -> list[int]:
+    """The live processes of a session (zombies, already exited, are not)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # exited while being read
+            continue
+        if int(fields[3]) == session and fields[0] != "Z":  # after the name: state, ppid, pgrp, sid
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_sigterm_stops_the_bench_with_every_server_and_worker_it_started(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "bench", "--scenario", "idle-10k", "--quick", "--repeat", "1"]
+    bench = subprocess.Popen(
+        [*command, "--output", str(tmp_path)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        relay_log = tmp_path / "idle-10k-relay" / "relay.log"
+        deadline = time.monotonic() + 60
+        while not (relay_log.exists() and "Uvicorn running" in relay_log.read_text()):
+            assert bench.poll() is None, bench.communicate()
+            assert time.monotonic() < deadline, "the relay did not start within 60 s"
+            time.sleep(0.05)
+        assert len(_session_members(bench.pid)) >= 3  # the bench, the simulator, the relay
+        bench.send_signal(signal.SIGTERM)
+        _, log = bench.communicate(timeout=60)
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, signal.SIGKILL)
+            bench.wait()
+    assert bench.returncode == 128 + signal.SIGTERM, log
+    assert "stopped by SIGTERM" in log
+    assert _session_members(bench.pid) == []
+
+
 def _chunked(frames: list[bytes]) -> bytes:
     return b"".join(b"%x\r\n%s\r\n" % (len(frame), frame) for frame in frames)
 
