@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,11 +21,12 @@ from bench.floor import cpu_per_write
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_fanout_delivers_everything_through_both_servers(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench", "--scenario", "fanout-1k", "--quick", "--repeat", "2"]
-    # Its own session, so a timeout takes the servers and workers it started down with it.
+@contextlib.contextmanager
+def _bench(output: Path, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """`python -m bench --quick ARGS` in its own session: whatever it started is killed with it if
+    it is still running when the test ends (a timeout, a failed assertion)."""
     bench = subprocess.Popen(
-        [*command, "--output", str(tmp_path)],
+        [sys.executable, "-m", "bench", "--quick", *args, "--output", str(output)],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -31,11 +34,16 @@ def test_quick_fanout_delivers_everything_through_both_servers(tmp_path: Path) -
         start_new_session=True,
     )
     try:
-        table, log = bench.communicate(timeout=90)
+        yield bench
     finally:
         if bench.poll() is None:
             os.killpg(bench.pid, signal.SIGKILL)
             bench.wait()
+
+
+def test_quick_fanout_delivers_everything_through_both_servers(tmp_path: Path) -> None:
+    with _bench(tmp_path, "--scenario", "fanout-1k", "--repeat", "2") as bench:
+        table, log = bench.communicate(timeout=90)
     assert bench.returncode == 0, table + log
 
     document = json.loads((tmp_path / "results.json").read_text())
@@ -77,16 +85,7 @@ def _session_members(session: int) -> list[int]:
 
 
 def test_sigterm_stops_the_bench_with_every_server_and_worker_it_started(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "bench", "--scenario", "idle-10k", "--quick", "--repeat", "1"]
-    bench = subprocess.Popen(
-        [*command, "--output", str(tmp_path)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
+    with _bench(tmp_path, "--scenario", "idle-10k", "--repeat", "1") as bench:
         relay_log = tmp_path / "idle-10k-relay" / "relay.log"
         deadline = time.monotonic() + 60
         while not (relay_log.exists() and "Uvicorn running" in relay_log.read_text()):
@@ -96,10 +95,6 @@ def test_sigterm_stops_the_bench_with_every_server_and_worker_it_started(tmp_pat
         assert len(_session_members(bench.pid)) >= 3  # the bench, the simulator, the relay
         bench.send_signal(signal.SIGTERM)
         _, log = bench.communicate(timeout=60)
-    finally:
-        if bench.poll() is None:
-            os.killpg(bench.pid, signal.SIGKILL)
-            bench.wait()
     assert bench.returncode == 128 + signal.SIGTERM, log
     assert "stopped by SIGTERM" in log
     assert _session_members(bench.pid) == []
