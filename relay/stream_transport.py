@@ -23,7 +23,7 @@ import asyncio
 import ssl
 import urllib.request
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import cast
 
 import httptools
@@ -32,6 +32,22 @@ import httpx
 # A consumer this far behind stops the socket being read, so TCP pushes back on the upstream.
 _PAUSE_ABOVE_BYTES = 1024 * 1024
 _RESUME_BELOW_BYTES = 256 * 1024
+_BODY = "relay.body"  # the response extension that holds this transport's body
+
+
+def body_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
+    """The body of a streamed `response`, chunk by chunk as it arrives.
+
+    Straight from this transport's buffer when it served the response and nothing needs decoding:
+    httpx's `aiter_bytes` would pass each chunk up through four async generators (decoding,
+    chunking, counting, the client's binding): about 5% of the CPU that relaying an upstream
+    event costs (bench, 1,000 accounts). A compressed body, or one from httpx's own transport (a proxy is
+    configured), is read through `aiter_bytes`.
+    """
+    body = response.extensions.get(_BODY)
+    if isinstance(body, _Body) and "content-encoding" not in response.headers:
+        return body.chunks()
+    return response.aiter_bytes()
 
 
 def for_upstream(tls: ssl.SSLContext) -> StreamTransport | None:
@@ -188,7 +204,10 @@ class _Body(httpx.AsyncByteStream):
         self._response = response
         self._read_timeout = read_timeout
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self.chunks()
+
+    async def chunks(self) -> AsyncGenerator[bytes, None]:
         response = self._response
         if self._read_timeout is not None:
             response.watch(self._read_timeout)
@@ -244,9 +263,10 @@ class StreamTransport(httpx.AsyncBaseTransport):
         except BaseException:
             response.close()
             raise
+        body = _Body(response, timeouts.get("read"))
         return httpx.Response(
             status,
             headers=response.headers,
-            stream=_Body(response, timeouts.get("read")),
-            extensions={"http_version": b"HTTP/1.1"},
+            stream=body,
+            extensions={"http_version": b"HTTP/1.1", _BODY: body},
         )

@@ -56,7 +56,7 @@ from relay.sessions import (
     describe_http_error,
 )
 from relay.sse import Event, LineTooLong, SSEParser
-from relay.stream_transport import StreamTransport, for_upstream
+from relay.stream_transport import StreamTransport, body_chunks, for_upstream
 
 log = structlog.get_logger(__name__)
 RESERVED_PREFIX = "relay."  # relay.upstream, relay.reset: the relay's own events
@@ -531,7 +531,7 @@ class AccountUpstream:
                 refused = _refusal(response)
                 if refused is not None:
                     return refused
-                async for chunk in response.aiter_bytes():
+                async for chunk in body_chunks(response):
                     for event in stream.parser.feed(chunk):
                         if not streaming:
                             streaming = True

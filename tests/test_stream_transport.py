@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.stream_transport import StreamTransport, for_upstream
+from relay.stream_transport import StreamTransport, body_chunks, for_upstream
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -60,7 +60,7 @@ def client(tls: ssl.SSLContext | None = None, **timeouts: float | None) -> httpx
 async def body(url: str, tls: ssl.SSLContext | None = None, **timeouts: float | None) -> bytes:
     async with client(tls, **timeouts) as http, http.stream("GET", url) as response:
         assert response.status_code == 200
-        return b"".join([chunk async for chunk in response.aiter_bytes()])
+        return b"".join([chunk async for chunk in body_chunks(response)])
 
 
 def chunked(*parts: bytes) -> bytes:
@@ -119,6 +119,31 @@ async def test_a_gzipped_stream_is_decoded_by_httpx_above_the_transport() -> Non
         assert await body(url) == b"data: compressed\n\n"
 
 
+async def test_body_chunks_are_the_transports_own_unless_httpx_must_decode_them() -> None:
+    """The relay reads upstream bodies with body_chunks: this transport's chunks as they came,
+    httpx's iterator where it decodes (gzip above) or where another transport served them."""
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        for part in (b"data: 1\n\n", b"data: 2\n\n"):
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+            await writer.drain()
+            await asyncio.sleep(0.01)  # separate packets
+        writer.write(b"0\r\n\r\n")
+
+    async with server(answer) as (url, _), client() as http, http.stream("GET", url) as response:
+        chunks = body_chunks(response)
+        assert chunks.__qualname__ == "_Body.chunks"  # type: ignore[attr-defined]  # not httpx's
+        assert [chunk async for chunk in chunks] == [b"data: 1\n\n", b"data: 2\n\n"]
+
+    mocked = httpx.MockTransport(lambda request: httpx.Response(200, content=b"data: m\n\n"))
+    async with (
+        httpx.AsyncClient(transport=mocked) as http,
+        http.stream("GET", "http://upstream.test/") as response,
+    ):
+        assert [chunk async for chunk in body_chunks(response)] == [b"data: m\n\n"]
+
+
 async def test_a_post_carries_its_body_and_reads_a_sized_answer() -> None:
     received: list[bytes] = []
 
@@ -160,7 +185,7 @@ async def test_a_body_cut_mid_chunk_is_a_read_error_and_garbage_a_protocol_error
 
     async def read_all(url: str) -> None:
         async with client() as http, http.stream("GET", url) as response:
-            async for chunk in response.aiter_bytes():
+            async for chunk in body_chunks(response):
                 received.append(chunk)
 
     async with server(cut) as (url, _):
@@ -216,7 +241,7 @@ async def test_the_read_timeout_times_each_wait_not_a_busy_consumer() -> None:
         client(read=timeout) as http,
         http.stream("GET", url) as response,
     ):
-        chunks = response.aiter_bytes()
+        chunks = body_chunks(response)
         received.append(await anext(chunks))
         await asyncio.sleep(timeout * 1.5)  # busy, not waiting: no timeout is due
         with pytest.raises(httpx.ReadTimeout):
@@ -243,7 +268,7 @@ async def test_a_consumer_that_falls_behind_stops_the_socket_being_read() -> Non
                     sent += len(part)
 
     async with server(flood) as (url, _), client() as http, http.stream("GET", url) as response:
-        chunks = response.aiter_bytes()
+        chunks = body_chunks(response)
         await anext(chunks)
         await asyncio.sleep(2.5)  # the consumer is busy; the server writes what it can
         # The transport buffers about a MiB, the kernel a few: never the 64 MiB on offer.
