@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
-from prometheus_client import Counter
 
 from relay.audience import Audience
 from relay.brokers.base import Broker
@@ -117,7 +116,7 @@ class Hub:
         self.emptied.set()
         self._status: dict[str, UpstreamStatus] = {}
         self._outbox: dict[str, list[Stored]] = {}  # events waiting for the next fan-out
-        self._events_in: dict[str, Counter] = {}
+        self._tally = metrics.tally
         self.demand: Demand | None = None
         self._on_cut = self._cut  # one bound method for every subscriber, not one each
         metrics.clients.set_function(self.clients)  # read when scraped, not set per connection
@@ -131,10 +130,7 @@ class Hub:
         if stored is None:
             self._metrics.duplicates.inc()
             return False
-        counted = self._events_in.get(source)
-        if counted is None:  # a label's child, found once rather than on every event
-            counted = self._events_in[source] = self._metrics.events_in.labels(source)
-        counted.inc()
+        self._tally.took(source)
         return True
 
     def upstream_changed(self, status: UpstreamStatus) -> None:
@@ -184,8 +180,7 @@ class Hub:
         started = self._clock()
         clients = len(audience)
         audience.fan_out(events)
-        self._metrics.events_out.inc(clients * len(events))
-        self._metrics.fanout_seconds.observe(self._clock() - started)
+        self._tally.fanned_out(clients * len(events), self._clock() - started)
 
     # -- subscribers ---------------------------------------------------------------------------
 
