@@ -23,16 +23,16 @@ class EventTally(Collector):
     """
 
     def __init__(self) -> None:
-        self.events_in: dict[str, int] = {}  # by source
-        self.events_out = 0
+        self._events_in: dict[str, int] = {}  # by source
+        self._events_out = 0
         self._fanouts = [0] * (len(FANOUT_BUCKETS) + 1)  # by bucket, the last above them all
         self._fanout_sum = 0.0
 
     def took(self, source: str) -> None:
-        self.events_in[source] = self.events_in.get(source, 0) + 1
+        self._events_in[source] = self._events_in.get(source, 0) + 1
 
     def fanned_out(self, deliveries: int, seconds: float) -> None:
-        self.events_out += deliveries
+        self._events_out += deliveries
         self._fanouts[bisect_left(FANOUT_BUCKETS, seconds)] += 1  # `le`: at most the bound
         self._fanout_sum += seconds
 
@@ -40,11 +40,11 @@ class EventTally(Collector):
         events_in = CounterMetricFamily(
             "relay_events_in", "Events accepted into account channels", labels=["source"]
         )
-        for source, count in self.events_in.items():
+        for source, count in self._events_in.items():
             events_in.add_metric([source], count)
         yield events_in
         yield CounterMetricFamily(
-            "relay_events_out", "Event deliveries queued to clients", value=self.events_out
+            "relay_events_out", "Event deliveries queued to clients", value=self._events_out
         )
         cumulative, buckets = 0, []
         for bound, count in zip([*map(str, FANOUT_BUCKETS), "+Inf"], self._fanouts, strict=True):
