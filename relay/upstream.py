@@ -5,10 +5,11 @@ there are any (plus `linger_seconds`, so a page reload does not reconnect upstre
 Redis broker its subscribers are the leases (`relay.lease`): they start an upstream with the id
 where the previous holder's stopped, and drop it at once when the lease goes elsewhere.
 
-An `AccountUpstream` is a small actor: reader tasks only fetch a session, connect, parse and put
-what they read into the account's inbox; the actor task alone decides, forwards to the sink and
-keeps the state, so no decision races another and a reader can be cancelled at any await
-without cutting a publish in half.
+An `AccountUpstream` is a small actor: readers only fetch a session, connect, parse and put what
+they read into the account's inbox (a task per stream, whose socket callback parses and puts the
+events as the bytes arrive); the actor task alone decides, forwards to the sink and keeps the
+state, so no decision races another and a reader can be cancelled at any point without cutting a
+publish in half.
 
 Reconnection rules:
 - A stream that delivered its first event and then ended (cleanly or not) is followed by
@@ -48,6 +49,7 @@ import structlog
 from relay.backoff import Backoff, parse_retry_after
 from relay.channel import ChannelSink, Incoming, UpstreamState, UpstreamStatus
 from relay.config import Settings, UpstreamSettings
+from relay.inbox import Inbox
 from relay.sessions import (
     Session,
     SessionError,
@@ -56,7 +58,7 @@ from relay.sessions import (
     describe_http_error,
 )
 from relay.sse import Event, LineTooLong, SSEParser
-from relay.stream_transport import StreamTransport, body_chunks, for_upstream
+from relay.stream_transport import StreamTransport, for_upstream, read_body
 
 log = structlog.get_logger(__name__)
 RESERVED_PREFIX = "relay."  # relay.upstream, relay.reset: the relay's own events
@@ -68,7 +70,7 @@ _GRACE_SECONDS = 0.5
 # keys are remembered this long so those late copies are recognised.
 _OVERLAP_TAIL_SECONDS = 5.0
 _MAX_LINE_BYTES = 1024 * 1024  # DialStack events are a few hundred bytes
-_INBOX_EVENTS = 256  # readers wait (and TCP pushes back) when the sink falls this far behind
+_INBOX_EVENTS = 256  # readers hold back (and TCP pushes back) when the sink falls this far behind
 # The first events of each stream are checked to be JSON, as DialStack documents them: enough to
 # tell an operator that an upstream speaks something else, without parsing every event for it.
 _JSON_CHECKS = 100
@@ -117,6 +119,7 @@ class _Due:
 
 
 _DUE = _Due()
+_Message = _Received | _Closed | _Due
 
 
 class _Overlap:
@@ -185,7 +188,7 @@ class AccountUpstream:
         self._events = 0
         self._task: asyncio.Task[None] | None = None
         self._stopping: asyncio.Task[None] | None = None
-        self._inbox: asyncio.Queue[_Received | _Closed | _Due] = asyncio.Queue(_INBOX_EVENTS)
+        self._inbox: Inbox[_Message] = Inbox(_INBOX_EVENTS)
         # The actor's one timer (rotation, handover), re-armed when its deadline changes rather
         # than a timeout around every message.
         self._timer: asyncio.TimerHandle | None = None
@@ -354,7 +357,7 @@ class AccountUpstream:
     def _deadline_passed(self) -> None:
         self._timer, self._due = None, True
         if self._inbox.empty():  # the actor is waiting: wake it (a busy one sees `_due` next)
-            self._inbox.put_nowait(_DUE)
+            self._inbox.put(_DUE)
 
     def _warn_reserved(self, event_type: str) -> None:
         if event_type != "connected" and not self._warned_reserved:
@@ -471,7 +474,7 @@ class AccountUpstream:
             self._absorb(stream)
         self._overlap = None
         # Whatever they queued belongs to connections that are gone.
-        self._inbox = asyncio.Queue(_INBOX_EVENTS)
+        self._inbox = Inbox(_INBOX_EVENTS)
 
     @staticmethod
     async def _cancel(stream: _Stream) -> None:
@@ -492,11 +495,9 @@ class AccountUpstream:
                 exc_info=True,
             )
             ended = _Ended(_Kind.FAILED, f"internal error ({type(exc).__name__})")
-        await inbox.put(_Closed(stream, ended))
+        inbox.put(_Closed(stream, ended))
 
-    async def _read(
-        self, stream: _Stream, inbox: asyncio.Queue[_Received | _Closed | _Due]
-    ) -> _Ended:
+    async def _read(self, stream: _Stream, inbox: Inbox[_Message]) -> _Ended:
         if stream.session is None:
             try:
                 session = await self._sessions.fetch(self.account_id)
@@ -531,12 +532,17 @@ class AccountUpstream:
                 refused = _refusal(response)
                 if refused is not None:
                     return refused
-                async for chunk in body_chunks(response):
+
+                def receive(chunk: bytes) -> bool:
+                    nonlocal streaming
                     for event in stream.parser.feed(chunk):
                         if not streaming:
                             streaming = True
                             connecting.reschedule(None)
-                        await inbox.put(_Received(stream, event))
+                        inbox.put(_Received(stream, event))
+                    return not inbox.full()
+
+                await read_body(response, receive, inbox.room)
         except TimeoutError:
             return _Ended(_Kind.FAILED, f"/v1/events did not start within {connect_timeout} s")
         except LineTooLong:

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from relay.stream_transport import StreamTransport, body_chunks, for_upstream
+from relay.stream_transport import StreamTransport, for_upstream, read_body
 
 Answer = Callable[[bytes, asyncio.StreamWriter], Awaitable[None]]
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
@@ -57,10 +57,49 @@ def client(tls: ssl.SSLContext | None = None, **timeouts: float | None) -> httpx
     )
 
 
+class Receiver:
+    """What read_body handed over, and from where: a task, or the socket's callback (None)."""
+
+    def __init__(self, room_after: int | None = None) -> None:
+        self.chunks: list[bytes] = []
+        self.origins: list[asyncio.Task[object] | None] = []  # for each chunk
+        self.room_after = room_after  # bytes after which it says it is full, each time
+        self.taken_since_room = 0
+        self.room = asyncio.Event()  # set by the test to let a full receiver go on
+        self.full = asyncio.Event()  # set when it said so
+        self.grew = asyncio.Event()  # set on every chunk
+
+    def receive(self, chunk: bytes) -> bool:
+        self.chunks.append(chunk)
+        self.origins.append(asyncio.current_task())
+        self.taken_since_room += len(chunk)
+        self.grew.set()
+        if self.room_after is not None and self.taken_since_room >= self.room_after:
+            self.full.set()
+            return False
+        return True
+
+    async def wait_for_room(self) -> None:
+        await self.room.wait()
+        self.room.clear()
+        self.full.clear()
+        self.taken_since_room = 0
+
+    async def until(self, size: int) -> None:
+        """Return once chunks of `size` bytes in all have been handed over."""
+        while sum(map(len, self.chunks)) < size:
+            self.grew.clear()
+            await self.grew.wait()
+
+    async def read(self, response: httpx.Response) -> bytes:
+        await read_body(response, self.receive, self.wait_for_room)
+        return b"".join(self.chunks)
+
+
 async def body(url: str, tls: ssl.SSLContext | None = None, **timeouts: float | None) -> bytes:
     async with client(tls, **timeouts) as http, http.stream("GET", url) as response:
         assert response.status_code == 200
-        return b"".join([chunk async for chunk in body_chunks(response)])
+        return await Receiver().read(response)
 
 
 def chunked(*parts: bytes) -> bytes:
@@ -119,9 +158,10 @@ async def test_a_gzipped_stream_is_decoded_by_httpx_above_the_transport() -> Non
         assert await body(url) == b"data: compressed\n\n"
 
 
-async def test_body_chunks_are_the_transports_own_unless_httpx_must_decode_them() -> None:
-    """The relay reads upstream bodies with body_chunks: this transport's chunks as they came,
-    httpx's iterator where it decodes (gzip above) or where another transport served them."""
+async def test_read_body_hands_chunks_over_from_the_socket_unless_httpx_must_decode_them() -> None:
+    """The relay reads upstream bodies with read_body: this transport's chunks as they came, from
+    the socket's callback; httpx's iterator where it decodes (gzip above) or where another
+    transport served them."""
 
     async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
@@ -131,17 +171,22 @@ async def test_body_chunks_are_the_transports_own_unless_httpx_must_decode_them(
             await asyncio.sleep(0.01)  # separate packets
         writer.write(b"0\r\n\r\n")
 
+    pushed = Receiver()
     async with server(answer) as (url, _), client() as http, http.stream("GET", url) as response:
-        chunks = body_chunks(response)
-        assert chunks.__qualname__ == "_Body.chunks"  # type: ignore[attr-defined]  # not httpx's
-        assert [chunk async for chunk in chunks] == [b"data: 1\n\n", b"data: 2\n\n"]
+        await pushed.read(response)
+    assert pushed.chunks == [b"data: 1\n\n", b"data: 2\n\n"]
+    # The first may have come with the head, before read_body began; the next one was handed over
+    # as it arrived, by the socket's callback: no task woke up for it.
+    assert pushed.origins[-1] is None
 
     mocked = httpx.MockTransport(lambda request: httpx.Response(200, content=b"data: m\n\n"))
+    pulled = Receiver()
     async with (
         httpx.AsyncClient(transport=mocked) as http,
         http.stream("GET", "http://upstream.test/") as response,
     ):
-        assert [chunk async for chunk in body_chunks(response)] == [b"data: m\n\n"]
+        assert await pulled.read(response) == b"data: m\n\n"
+    assert pulled.origins == [asyncio.current_task()]
 
 
 async def test_a_post_carries_its_body_and_reads_a_sized_answer() -> None:
@@ -181,17 +226,16 @@ async def test_a_body_cut_mid_chunk_is_a_read_error_and_garbage_a_protocol_error
     async def garbage(head: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: x\x00\r\n\r\n")
 
-    received: list[bytes] = []
+    receiver = Receiver()
 
     async def read_all(url: str) -> None:
         async with client() as http, http.stream("GET", url) as response:
-            async for chunk in body_chunks(response):
-                received.append(chunk)
+            await receiver.read(response)
 
     async with server(cut) as (url, _):
         with pytest.raises(httpx.ReadError):
             await read_all(url)
-        assert b"".join(received) == b"data: half"  # what came is delivered before the error
+        assert receiver.chunks == [b"data: half"]  # what came is delivered before the error
     async with server(garbage) as (url, _):
         with pytest.raises(httpx.RemoteProtocolError) as caught:
             await body(url)
@@ -215,7 +259,8 @@ async def test_silence_past_the_read_timeout_and_a_refused_connect() -> None:
 
 async def test_the_read_timeout_times_each_wait_not_a_busy_consumer() -> None:
     """One timer serves the whole body: a consumer busy for longer than the timeout, and a body
-    that takes many timeouts in all, end only when one wait for bytes lasts that long."""
+    that takes many timeouts in all, end only when one wait for bytes lasts that long. (Pulled,
+    as httpx pulls a compressed body from this transport.)"""
     timeout, gaps = 0.4, [0.25] * 6  # each gap under the timeout; 1.5 s in all
 
     async def steady(head: bytes, writer: asyncio.StreamWriter) -> None:
@@ -241,7 +286,7 @@ async def test_the_read_timeout_times_each_wait_not_a_busy_consumer() -> None:
         client(read=timeout) as http,
         http.stream("GET", url) as response,
     ):
-        chunks = body_chunks(response)
+        chunks = response.aiter_raw()
         received.append(await anext(chunks))
         await asyncio.sleep(timeout * 1.5)  # busy, not waiting: no timeout is due
         with pytest.raises(httpx.ReadTimeout):
@@ -253,32 +298,97 @@ async def test_the_read_timeout_times_each_wait_not_a_busy_consumer() -> None:
     assert timeout * 0.9 <= timed_out - last_wait < timeout + 2
 
 
-async def test_a_consumer_that_falls_behind_stops_the_socket_being_read() -> None:
-    sent = 0
+class Flood:
+    """A server answer that writes 64 KiB chunks for 2 s, as fast as its socket takes them."""
 
-    async def flood(head: bytes, writer: asyncio.StreamWriter) -> None:
-        nonlocal sent
+    def __init__(self) -> None:
+        self.sent = 0
+
+    async def __call__(self, head: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
         part = b"x" * 65536
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(2):
-                while sent < 64 * 2**20:
+                while self.sent < 64 * 2**20:
                     writer.write(b"%x\r\n%b\r\n" % (len(part), part))
                     await writer.drain()  # waits once the transport stops reading
-                    sent += len(part)
+                    self.sent += len(part)
 
+
+async def test_a_consumer_that_falls_behind_stops_the_socket_being_read() -> None:
+    """Pulled, as httpx pulls a compressed body from this transport."""
+    flood = Flood()
     async with server(flood) as (url, _), client() as http, http.stream("GET", url) as response:
-        chunks = body_chunks(response)
+        chunks = response.aiter_raw()
         await anext(chunks)
         await asyncio.sleep(2.5)  # the consumer is busy; the server writes what it can
         # The transport buffers about a MiB, the kernel a few: never the 64 MiB on offer.
-        assert sent < 24 * 2**20, sent
+        assert flood.sent < 24 * 2**20, flood.sent
         taken = 0
         async with asyncio.timeout(10):
             async for chunk in chunks:
                 taken += len(chunk)
-                if taken >= sent - 2**20:
+                if taken >= flood.sent - 2**20:
                     break  # reading resumed: what was held back arrives
+
+
+async def test_a_full_receiver_stops_the_socket_being_read_and_is_not_timed_out() -> None:
+    """Pushed: a receiver that says it is full gets nothing more until its room() returns; the
+    socket is not read meanwhile, and that wait is not silence for the read timeout."""
+    flood = Flood()
+    receiver = Receiver(room_after=1)
+    async with (
+        server(flood) as (url, _),
+        client(read=1.0) as http,
+        http.stream("GET", url) as response,
+    ):
+        reading = asyncio.create_task(receiver.read(response))
+        async with asyncio.timeout(5):
+            await receiver.full.wait()
+        held = len(receiver.chunks)
+        await asyncio.sleep(2.5)  # full for longer than the read timeout; the server floods
+        assert not reading.done()  # no ReadTimeout
+        assert len(receiver.chunks) == held  # nothing handed over while full
+        assert flood.sent < 24 * 2**20, flood.sent  # never the 64 MiB on offer
+        receiver.room_after = None
+        receiver.room.set()
+        async with asyncio.timeout(10):
+            await receiver.until(flood.sent - 2**20)  # reading resumed: what was held back arrives
+        reading.cancel()
+        await asyncio.wait([reading])
+    assert b"".join(receiver.chunks).strip(b"x") == b""  # in order, nothing but the payload
+
+
+async def test_what_the_receiver_raises_ends_the_body_and_closes_the_connection() -> None:
+    closed = asyncio.Event()
+    readers: dict[asyncio.StreamWriter, asyncio.StreamReader] = {}
+
+    async def answer(head: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(HEAD + b"Transfer-Encoding: chunked\r\n\r\n" + b"9\r\ndata: 1\n\n\r\n")
+        await writer.drain()
+        if await readers[writer].read() == b"":  # the client hung up
+            closed.set()
+
+    calls = 0
+
+    def refuse(chunk: bytes) -> bool:
+        nonlocal calls
+        calls += 1
+        raise ValueError("not an event stream")
+
+    async def no_room() -> None:
+        raise AssertionError("a receiver that raised is not asked again")
+
+    async with (
+        server(answer, readers=readers) as (url, _),
+        client() as http,
+        http.stream("GET", url) as response,
+    ):
+        with pytest.raises(ValueError, match="not an event stream"):
+            await read_body(response, refuse, no_room)
+        async with asyncio.timeout(5):
+            await closed.wait()  # closed by the transport, before httpx's stream is left
+    assert calls == 1
 
 
 async def test_https_with_certificate_verification(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from relay.backoff import MAX_RETRY_AFTER_SECONDS, Backoff, parse_retry_after
@@ -616,6 +616,49 @@ async def test_answer_that_is_not_an_event_stream_is_retried_with_a_reason() -> 
     assert "text/html" in sink.states[1].detail
     assert "upstream.base_url" in sink.states[1].detail
     assert not sink.events
+
+
+class GatedSink(RecordingSink):
+    """Takes nothing until `gate` is set: a sink that has fallen behind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def publish(self, account_id: str, event: Incoming) -> bool:
+        await self.gate.wait()
+        return await super().publish(account_id, event)
+
+
+async def test_a_sink_that_falls_behind_holds_the_upstream_back_and_loses_nothing() -> None:
+    """The reader stops reading once the inbox is full, so TCP pushes back on the upstream
+    instead of the relay buffering what it offers (64 MiB here); every event arrives, in order."""
+    count, padding = 65_536, "x" * 1000
+    sent = 0
+
+    async def events(request: Request) -> StreamingResponse:
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal sent
+            yield b"event: connected\ndata: {}\n\n"
+            for n in range(count):
+                yield f'id: {n}\nevent: {TEST_EVENT}\ndata: {{"n": {n}, "p": "{padding}"}}\n\n'.encode()
+                sent += 1
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    sink = GatedSink()
+    app = Starlette(routes=[Route("/v1/events", events)])
+    async with running_server(app) as base_url:
+        settings = upstream_settings(base_url, STATIC_ACCOUNT, idle_timeout_seconds=30.0)
+        async with upstream_manager(settings, sink) as manager:
+            manager.acquire(ACCOUNT)
+            await sink.wait_for(connected(sink))
+            await asyncio.sleep(1.0)  # the sink takes nothing; the upstream sends what it can
+            # The inbox holds 256 events, the sockets' buffers a few MiB: never all on offer.
+            assert 0 < sent < count // 3, sent
+            sink.gate.set()
+            await sink.wait_for(lambda: len(sink.events) == count, timeout=30)
+    assert sink.counters() == list(range(count))
 
 
 async def test_oversized_line_drops_the_stream_and_the_relay_carries_on() -> None:
