@@ -71,9 +71,10 @@ _GRACE_SECONDS = 0.5
 _OVERLAP_TAIL_SECONDS = 5.0
 _MAX_LINE_BYTES = 1024 * 1024  # DialStack events are a few hundred bytes
 _INBOX_EVENTS = 256  # readers hold back (and TCP pushes back) when the sink falls this far behind
-# The first events of each stream are checked to be JSON, as DialStack documents them: enough to
-# tell an operator that an upstream speaks something else, without parsing every event for it.
-_JSON_CHECKS = 100
+# One event in this many of each stream, from its first on, is checked to be JSON as DialStack
+# documents them: enough to tell an operator that an upstream speaks something else, from the
+# start or later on, without parsing every event for it.
+_JSON_CHECK_EVERY = 100
 
 
 class _Kind(enum.Enum):
@@ -372,7 +373,7 @@ class AccountUpstream:
             elif not overlap.admit(stream, event):
                 return
         self._events += 1
-        if stream.received <= _JSON_CHECKS and not self._warned_invalid_json:
+        if stream.received % _JSON_CHECK_EVERY == 1 and not self._warned_invalid_json:
             try:
                 json.loads(event.data)
             except ValueError:

@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -659,6 +660,31 @@ async def test_a_sink_that_falls_behind_holds_the_upstream_back_and_loses_nothin
             sink.gate.set()
             await sink.wait_for(lambda: len(sink.events) == count, timeout=30)
     assert sink.counters() == list(range(count))
+
+
+@pytest.mark.parametrize("bad", [0, 100], ids=["first", "later"])
+async def test_an_upstream_that_sends_other_than_json_is_told_once_and_forwarded(bad: int) -> None:
+    """Events are checked one in a hundred, from the first: a stream that is not JSON from the
+    start, or stops being JSON later, is logged (once), and its events are forwarded as sent."""
+
+    def event(n: int) -> bytes:
+        data = "<html>maintenance</html>" if n >= bad else json.dumps({"n": n})
+        return f"id: {n}\nevent: {TEST_EVENT}\ndata: {data}\n\n".encode()
+
+    app = fake_upstream(b"event: connected\ndata: {}\n\n" + b"".join(map(event, range(bad + 3))))
+    sink = RecordingSink()
+    with structlog.testing.capture_logs() as logs:
+        async with running_server(app) as base_url:
+            settings = upstream_settings(
+                base_url, STATIC_ACCOUNT, backoff_initial_seconds=5, backoff_max_seconds=5
+            )
+            async with upstream_manager(settings, sink) as manager:
+                manager.acquire(ACCOUNT)
+                await sink.wait_for(lambda: len(sink.events) == bad + 3)
+    warnings = [entry for entry in logs if entry["event"] == "invalid JSON from upstream"]
+    assert len(warnings) == 1
+    assert warnings[0]["account"] == ACCOUNT
+    assert [e.data for e in sink.events[bad:]] == ["<html>maintenance</html>"] * 3
 
 
 async def test_oversized_line_drops_the_stream_and_the_relay_carries_on() -> None:
