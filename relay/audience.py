@@ -63,15 +63,18 @@ class Audience:
 
     # -- fan-out -------------------------------------------------------------------------------
 
-    def fan_out(self, events: list[Stored]) -> None:
-        """Every event to every subscriber that wants it, in order; one write per direct client."""
+    def fan_out(self, events: list[Stored]) -> int:
+        """Every event to every subscriber that wants it, in order; one write per direct client.
+        Returns how many subscribers there were."""
         # Taken first: a direct client that pauses below becomes queued, and must not get the
         # events a second time through offer.
         queued = tuple(self._queued)
+        subscribers = len(queued)
         if self._direct:
             joined = events[0].frame if len(events) == 1 else b"".join(e.frame for e in events)
             everything = http_chunk(joined)
             for interest, group in tuple(self._direct.items()):
+                subscribers += len(group)
                 wanted = [event for event in events if interest.wants(event)]
                 if len(wanted) == len(events):
                     _write_each(group, everything)
@@ -81,6 +84,7 @@ class Audience:
         for subscriber in queued:
             for event in events:
                 subscriber.offer(event, single)
+        return subscribers
 
     def broadcast(self, frame: bytes, chunk: bytes) -> None:
         """A frame every client gets whatever its interest: upstream state, heartbeats."""

@@ -178,8 +178,7 @@ class Hub:
         if audience is None:
             return
         started = self._clock()
-        clients = len(audience)
-        audience.fan_out(events)
+        clients = audience.fan_out(events)
         self._tally.fanned_out(clients * len(events), self._clock() - started)
 
     # -- subscribers ---------------------------------------------------------------------------

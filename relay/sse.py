@@ -154,7 +154,10 @@ def encode_event(
         if not event or "\r" in event or "\n" in event:
             raise ValueError("SSE event type must be non-empty and free of CR and LF")
         lines.append(f"event: {event}")
-    lines.extend(f"data: {line}" for line in _LINE_END.split(data))
+    if "\n" in data or "\r" in data:
+        lines.extend(f"data: {line}" for line in _LINE_END.split(data))
+    else:  # one line, as a JSON payload is: no split
+        lines.append(f"data: {data}")
     return ("\n".join(lines) + "\n\n").encode()
 
 
