@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import enum
 import json
-from dataclasses import dataclass
+from typing import Final
 
 from relay.sse import encode_event
 
@@ -31,16 +32,31 @@ def id_key(relay_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-@dataclass(frozen=True, slots=True)
-class Stored:
-    id: str
-    type: str
-    data: str
-    user_id: str | None
-    key: tuple[int, int]  # `id` as a comparable pair
-    frame: bytes  # `id:` / `event:` / `data:` lines, encoded once for every subscriber
+class _Unread(enum.Enum):
+    UNREAD = enum.auto()
 
-    @classmethod
-    def create(cls, relay_id: str, type: str, data: str) -> Stored:
-        frame = encode_event(data, event=type, id=relay_id)
-        return cls(relay_id, type, data, user_of(data), id_key(relay_id), frame)
+
+class Stored:
+    """Immutable (its fields are Final) and shared by every subscriber and replay of the event.
+
+    `user_id` is read from the payload the first time a per-user filter asks for it: an account
+    whose clients all take every user's events never has its payloads parsed.
+    """
+
+    __slots__ = ("_user_id", "data", "frame", "id", "key", "type")
+
+    def __init__(self, relay_id: str, type: str, data: str) -> None:
+        self.id: Final = relay_id
+        self.type: Final = type
+        self.data: Final = data
+        self.key: Final = id_key(relay_id)  # `id` as a comparable pair
+        # `id:` / `event:` / `data:` lines, encoded once for every subscriber.
+        self.frame: Final = encode_event(data, event=type, id=relay_id)
+        self._user_id: str | _Unread | None = _Unread.UNREAD
+
+    @property
+    def user_id(self) -> str | None:
+        user = self._user_id
+        if user is _Unread.UNREAD:
+            user = self._user_id = user_of(self.data)
+        return user

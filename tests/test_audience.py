@@ -35,7 +35,7 @@ async def no_send(message: object) -> None:
 
 
 def event(n: int, type: str = "call.incoming", data: str = "{}") -> Stored:
-    return Stored.create(f"1-{n}", type, data)
+    return Stored(f"1-{n}", type, data)
 
 
 def joined(*events: Stored) -> bytes:

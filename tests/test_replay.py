@@ -23,7 +23,7 @@ class Clock:
 def fill(buffer: ReplayBuffer, count: int) -> list[Stored]:
     events = []
     for n in range(count):
-        event = Stored.create(buffer.next_id(), "call.incoming", f'{{"n": {n}}}')
+        event = Stored(buffer.next_id(), "call.incoming", f'{{"n": {n}}}')
         buffer.append(event)
         events.append(event)
     return events
@@ -99,7 +99,7 @@ def test_handover_sends_nothing_twice_and_misses_nothing() -> None:
 
 def test_slow_subscriber_is_cut_with_bounded_memory() -> None:
     sub, cut = subscriber(capacity=3)
-    frames = [Stored.create(f"1-{n}", "x", "d").frame for n in range(1, 6)]
+    frames = [Stored(f"1-{n}", "x", "d").frame for n in range(1, 6)]
     for frame in frames:
         sub.push(frame)
     assert sub.cut_reason is CutReason.SLOW
@@ -110,11 +110,11 @@ def test_slow_subscriber_is_cut_with_bounded_memory() -> None:
 
 def test_filters_by_type_and_user() -> None:
     interest = Interest(frozenset({"call.incoming"}), "u1")
-    assert interest.wants(Stored.create("1-1", "call.incoming", '{"user_id": "u1"}'))
-    assert interest.wants(Stored.create("1-2", "call.incoming", '{"user_id": null}'))
-    assert interest.wants(Stored.create("1-3", "call.incoming", "{}"))
-    assert not interest.wants(Stored.create("1-4", "call.incoming", '{"user_id": "u2"}'))
-    assert not interest.wants(Stored.create("1-5", "call.end", '{"user_id": "u1"}'))
+    assert interest.wants(Stored("1-1", "call.incoming", '{"user_id": "u1"}'))
+    assert interest.wants(Stored("1-2", "call.incoming", '{"user_id": null}'))
+    assert interest.wants(Stored("1-3", "call.incoming", "{}"))
+    assert not interest.wants(Stored("1-4", "call.incoming", '{"user_id": "u2"}'))
+    assert not interest.wants(Stored("1-5", "call.end", '{"user_id": "u1"}'))
 
 
 class FakeSocket:

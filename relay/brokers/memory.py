@@ -47,7 +47,7 @@ class MemoryBroker:
         if event.upstream_id is not None and self._is_duplicate(account_id, event.upstream_id):
             return None
         buffer = self._buffer(account_id)
-        stored = Stored.create(buffer.next_id(), event.type, event.data)
+        stored = Stored(buffer.next_id(), event.type, event.data)
         buffer.append(stored)
         self._deliver(account_id, stored)
         return stored

@@ -162,7 +162,7 @@ class BrokerUnavailable(Exception):
 
 
 def _stored(entry_id: str, fields: dict[str, str]) -> Stored:
-    return Stored.create(entry_id, fields["t"], fields["d"])
+    return Stored(entry_id, fields["t"], fields["d"])
 
 
 class RedisBroker:
@@ -204,7 +204,7 @@ class RedisBroker:
                 log.warning("redis unreachable; queueing events", reason=str(exc))
                 self._recovery = asyncio.create_task(self._recover(), name="redis broker recovery")
             return self._defer(account_id, event)
-        return None if relay_id is None else Stored.create(relay_id, event.type, event.data)
+        return None if relay_id is None else Stored(relay_id, event.type, event.data)
 
     async def _append(self, account_id: str, event: Incoming) -> str | None:
         async with asyncio.timeout(COMMAND_TIMEOUT_SECONDS):
@@ -228,7 +228,7 @@ class RedisBroker:
                 f"Redis is unreachable and {BACKLOG_EVENTS} events are already waiting for it"
             )
         self._backlog.append((account_id, event))
-        return Stored.create(UNNUMBERED, event.type, event.data)
+        return Stored(UNNUMBERED, event.type, event.data)
 
     async def _recover(self) -> None:
         """Append the backlog in order once Redis answers; publishing goes direct again after."""
