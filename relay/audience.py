@@ -97,8 +97,11 @@ class Audience:
 
 def _write_each(group: dict[Subscriber, Write], chunk: bytes) -> None:
     """`chunk` into every member's transport; a transport that raises (closed under us before its
-    loss was reported) cuts only its own subscriber. (A `try` costs nothing until it catches.)"""
-    for subscriber, write in tuple(group.items()):
+    loss was reported) cuts only its own subscriber. (A `try` costs nothing until it catches.)
+
+    A write can move its subscriber out of the group (a full transport pauses it), so the loop
+    walks a copy: a dict's, whose items view hands out one reused tuple rather than one each."""
+    for subscriber, write in group.copy().items():
         try:
             write(chunk)
         except Exception:

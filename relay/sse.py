@@ -75,6 +75,7 @@ class SSEParser:
         # bytes.splitlines breaks on exactly CRLF, LF and CR, unlike str.splitlines.
         lines = chunk.splitlines()
         tail = b"" if chunk.endswith((b"\n", b"\r")) else lines.pop()
+        continued = self._pending_size  # of the line this chunk's first one continues
         if lines and self._pending:
             self._pending.append(lines[0])
             lines[0] = b"".join(self._pending)
@@ -84,7 +85,10 @@ class SSEParser:
             self._pending.append(tail)
             self._pending_size += len(tail)
         limit = self._max_line_bytes
-        if self._pending_size > limit or max(map(len, lines), default=0) > limit:
+        # No line can be longer than the chunk and what it continues: most chunks need no look.
+        if continued + len(chunk) > limit and (
+            self._pending_size > limit or max(map(len, lines), default=0) > limit
+        ):
             raise LineTooLong(f"SSE line longer than {limit} bytes")
         events: list[Event] = []
         for line in lines:

@@ -35,7 +35,9 @@ class MemoryBroker:
         return buffer
 
     def _is_duplicate(self, account_id: str, upstream_id: str) -> bool:
-        seen = self._seen.setdefault(account_id, OrderedDict())
+        seen = self._seen.get(account_id)
+        if seen is None:
+            seen = self._seen[account_id] = OrderedDict()
         if upstream_id in seen:
             return True
         seen[upstream_id] = None
