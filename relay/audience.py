@@ -15,6 +15,8 @@ from relay.http_protocol import http_chunk
 from relay.stored import Stored
 from relay.subscriber import CutReason, Interest, Subscriber, Write
 
+_EVERYTHING = Interest()  # a client without filters: nothing to match
+
 
 class Audience:
     __slots__ = ("_direct", "_queued")
@@ -75,6 +77,9 @@ class Audience:
             everything = http_chunk(joined)
             for interest, group in tuple(self._direct.items()):
                 subscribers += len(group)
+                if interest == _EVERYTHING:
+                    _write_each(group, everything)
+                    continue
                 wanted = [event for event in events if interest.wants(event)]
                 if len(wanted) == len(events):
                     _write_each(group, everything)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """One event from a source, before the relay gives it an id."""
+class Incoming(NamedTuple):
+    """One event from a source, before the relay gives it an id. (A NamedTuple: immutable, and
+    built for every event in half the time of a frozen dataclass.)"""
 
     type: str
     data: str

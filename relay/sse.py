@@ -10,7 +10,7 @@ multibyte character split across chunks is simply part of the pending line.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # Chromium ignores a `retry` value that does not fit an unsigned 64-bit integer; doing the
 # same also keeps int() away from Python's limit on the length of decimal strings.
@@ -22,8 +22,7 @@ _BOM = "\ufeff"
 _DATA_LINES_PER_PIECE = 256
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
+class Event(NamedTuple):  # immutable, and built in a third of a frozen dataclass's time
     type: str
     data: str
     # The `id` field of this very block, if it had one: what de-duplication keys on.

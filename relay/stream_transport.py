@@ -162,7 +162,7 @@ class _Response(asyncio.Protocol):
 
     # -- for read_body -------------------------------------------------------------------------
 
-    def push_to(self, receive: Receive) -> None:
+    def start_pushing(self, receive: Receive) -> None:
         """From now on hand each chunk to `receive`, starting with those already buffered."""
         self._receive = receive
         self.release()
@@ -294,7 +294,7 @@ class _Body(httpx.AsyncByteStream):
         if self._read_timeout is not None:
             response.watch(self._read_timeout)  # a wait for room is busy, not silent: see arrival
         try:
-            response.push_to(receive)
+            response.start_pushing(receive)
             while True:
                 if response.receive_error is not None:
                     raise response.receive_error

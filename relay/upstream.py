@@ -42,6 +42,7 @@ import ssl
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import httpx
 import structlog
@@ -103,14 +104,12 @@ class _Stream:
     received: int = 0  # events other than `connected`
 
 
-@dataclass(frozen=True, slots=True)
-class _Received:
+class _Received(NamedTuple):  # one per event: a tuple is the cheapest immutable message
     stream: _Stream
     event: Event
 
 
-@dataclass(frozen=True, slots=True)
-class _Closed:
+class _Closed(NamedTuple):
     stream: _Stream
     ended: _Ended
 
