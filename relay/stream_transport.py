@@ -292,7 +292,7 @@ class _Body(httpx.AsyncByteStream):
         task only wakes when the receiver is full, the body is over, or the read timed out."""
         response = self._response
         if self._read_timeout is not None:
-            response.watch(self._read_timeout)  # a wait for room is busy, not silent: see arrival
+            response.watch(self._read_timeout)  # a wait for room is busy, not silent: _check_wait
         try:
             response.start_pushing(receive)
             while True:
