@@ -59,7 +59,7 @@ from relay.sessions import (
     describe_http_error,
 )
 from relay.sse import Event, LineTooLong, SSEParser
-from relay.stream_transport import StreamTransport, for_upstream, read_body
+from relay.stream_transport import Receive, StreamTransport, for_upstream, read_body
 
 log = structlog.get_logger(__name__)
 RESERVED_PREFIX = "relay."  # relay.upstream, relay.reset: the relay's own events
@@ -102,6 +102,7 @@ class _Stream:
     task: asyncio.Task[None] | None = None
     connected_at: float | None = None  # loop time of its first event
     received: int = 0  # events other than `connected`
+    streaming: bool = False  # the reader saw its first event: connecting is over
 
 
 class _Received(NamedTuple):  # one per event: a tuple is the cheapest immutable message
@@ -516,7 +517,6 @@ class AccountUpstream:
         if stream.last_event_id:
             headers["Last-Event-ID"] = stream.last_event_id
         connect_timeout = self._settings.connect_timeout_seconds
-        streaming = False  # the first event arrived: connecting is over
         try:
             async with (
                 contextlib.AsyncExitStack() as stack,
@@ -532,17 +532,7 @@ class AccountUpstream:
                 refused = _refusal(response)
                 if refused is not None:
                     return refused
-
-                def receive(chunk: bytes) -> bool:
-                    nonlocal streaming
-                    for event in stream.parser.feed(chunk):
-                        if not streaming:
-                            streaming = True
-                            connecting.reschedule(None)
-                        inbox.put(_Received(stream, event))
-                    return not inbox.full()
-
-                await read_body(response, receive, inbox.room)
+                await read_body(response, _receiver(stream, inbox, connecting), inbox.room)
         except TimeoutError:
             return _Ended(_Kind.FAILED, f"/v1/events did not start within {connect_timeout} s")
         except LineTooLong:
@@ -551,10 +541,28 @@ class AccountUpstream:
             idle = self._settings.idle_timeout_seconds
             return _Ended(_Kind.FAILED, f"upstream silent for {idle} s (idle_timeout_seconds)")
         except httpx.HTTPError as exc:
-            if streaming:
+            if stream.streaming:
                 return _Ended(_Kind.DROPPED, f"stream broke: {describe_http_error(exc)}")
             return _Ended(_Kind.FAILED, f"cannot connect to /v1/events: {describe_http_error(exc)}")
         return _Ended(_Kind.DROPPED, "upstream closed the stream")
+
+
+def _receiver(stream: _Stream, inbox: Inbox[_Message], connecting: asyncio.Timeout) -> Receive:
+    """What read_body hands the stream's chunks to, in the socket's callback: the stream's parser,
+    then the inbox; False once the inbox is full."""
+
+    def receive(chunk: bytes) -> bool:
+        for event in stream.parser.feed(chunk):
+            if not stream.streaming:
+                stream.streaming = True
+                # The callback can run after the connect timeout fired and before the reader has
+                # heard: the events still go in, as the parser's last id already counts them.
+                if not connecting.expired():
+                    connecting.reschedule(None)
+            inbox.put(_Received(stream, event))
+        return not inbox.full()
+
+    return receive
 
 
 def _refusal(response: httpx.Response) -> _Ended | None:

@@ -28,12 +28,13 @@ from starlette.routing import Route
 from relay.backoff import MAX_RETRY_AFTER_SECONDS, Backoff, parse_retry_after
 from relay.channel import Incoming, UpstreamState, UpstreamStatus
 from relay.config import Settings
+from relay.inbox import Inbox
 from relay.serving import running_server
 from relay.sessions import session_source_for
 from relay.simulator import DEFAULT_SECRET_KEY, Faults, Simulator
 from relay.simulator.faults import GARBLED_DATA
 from relay.sse import Event
-from relay.upstream import UpstreamManager, _Overlap, _Stream
+from relay.upstream import UpstreamManager, _Overlap, _receiver, _Stream
 
 ACCOUNT = "acct_upstream"
 TEST_EVENT = "call.test"
@@ -685,6 +686,30 @@ async def test_an_upstream_that_sends_other_than_json_is_told_once_and_forwarded
     assert len(warnings) == 1
     assert warnings[0]["account"] == ACCOUNT
     assert [e.data for e in sink.events[bad:]] == ["<html>maintenance</html>"] * 3
+
+
+async def test_events_that_arrive_as_the_connect_timeout_fires_still_reach_the_actor() -> None:
+    """The socket's callback can bring the first events after the connect timeout fired and before
+    the reader task hears of it. They go into the inbox all the same: the parser's last id (where
+    the next connection resumes) already counts them, so dropping them would lose them."""
+    stream = _Stream(last_event_id="")
+    inbox: Inbox[Any] = Inbox(8)
+    took: list[bool] = []
+    chunk = f"id: 7\nevent: {TEST_EVENT}\ndata: {{}}\n\n".encode()
+
+    async def connect() -> None:
+        async with asyncio.timeout(0) as connecting:  # fires on the loop's next turn
+            receive = _receiver(stream, inbox, connecting)
+            # Queued after the timeout's own callback, before this task learns it was cancelled.
+            asyncio.get_running_loop().call_soon(lambda: took.append(receive(chunk)))
+            await asyncio.sleep(5)
+
+    with pytest.raises(TimeoutError):
+        await connect()
+    assert took == [True]
+    assert stream.parser.last_event_id == "7"
+    message = await inbox.get()
+    assert (message.stream, message.event.id) == (stream, "7")
 
 
 async def test_oversized_line_drops_the_stream_and_the_relay_carries_on() -> None:
