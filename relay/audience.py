@@ -77,10 +77,11 @@ class Audience:
             everything = http_chunk(joined)
             for interest, group in tuple(self._direct.items()):
                 subscribers += len(group)
-                if interest == _EVERYTHING:
-                    _write_each(group, everything)
-                    continue
-                wanted = [event for event in events if interest.wants(event)]
+                wanted = (
+                    events
+                    if interest == _EVERYTHING
+                    else [event for event in events if interest.wants(event)]
+                )
                 if len(wanted) == len(events):
                     _write_each(group, everything)
                 elif wanted:

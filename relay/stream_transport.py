@@ -154,9 +154,8 @@ class _Response(asyncio.Protocol):
     # -- for the body iterator -----------------------------------------------------------------
 
     def take(self) -> bytes:
-        chunk = self.chunks.popleft()
-        self._buffered -= len(chunk)
-        if self._buffered < _RESUME_BELOW_BYTES and not self.held:
+        chunk = self._pop()
+        if self._buffered < _RESUME_BELOW_BYTES:
             self._resume_reading()
         return chunk
 
@@ -174,9 +173,7 @@ class _Response(asyncio.Protocol):
         """The receiver has room again: hand it what was held back, then read the socket again."""
         self.held = False
         while self.chunks and not self.held and self._receive is not None:
-            chunk = self.chunks.popleft()
-            self._buffered -= len(chunk)
-            self._push(chunk)
+            self._push(self._pop())
         if not self.held:
             self._resume_reading()
 
@@ -227,6 +224,11 @@ class _Response(asyncio.Protocol):
             )
         else:
             self._fail(httpx.ReadTimeout(f"no data for {self._read_timeout} s"))
+
+    def _pop(self) -> bytes:
+        chunk = self.chunks.popleft()
+        self._buffered -= len(chunk)
+        return chunk
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self._transport is not None:
