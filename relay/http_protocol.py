@@ -61,11 +61,13 @@ class Listener(Protocol):
 class Connection:
     """One request's view of its connection, beyond ASGI."""
 
-    __slots__ = ("_cycle", "_flow", "_transport", "is_lost", "listener")
+    __slots__ = ("_cycle", "_flow", "_transport", "head_bytes", "is_lost", "listener")
 
     def __init__(self, transport: asyncio.Transport, flow: FlowControl) -> None:
         self._transport = transport
         self._flow = flow
+        # The protocol's: the bytes of the request head received so far; None once it is complete.
+        self.head_bytes: int | None = 0
         # Once the request's headers are in. Weak: the cycle's scope holds this connection, and a
         # strong reference back would leave every finished request to the cycle collector.
         self._cycle: weakref.ref[RequestResponseCycle] | None = None
@@ -152,33 +154,38 @@ class _HeadWithFirstBody:
 
 
 class RelayHttpProtocol(HttpToolsProtocol):
-    _in_head = True  # until the first request's headers are complete
-    _head_bytes = 0
-    _connection: Connection | None = None
+    # One instance attribute beyond uvicorn's 28, and set in __init__: CPython 3.11 keeps up to 29
+    # attributes of an instance in a compact layout shared by its class when all but one are set
+    # in __init__ (uvicorn sets `url` later); past that each connection gets its own 1.5 KB dict
+    # (tests/test_http_protocol.py checks). Per-request state lives on Connection.
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection: Connection | None = None  # the current request's, from its first byte
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_head = True
-        self._head_bytes = 0
-        self._connection = Connection(self.transport, self.flow)
-        self.scope["extensions"] = {CONNECTION_EXTENSION: {"connection": self._connection}}
+        connection = self._connection = Connection(self.transport, self.flow)
+        self.scope["extensions"] = {CONNECTION_EXTENSION: {"connection": connection}}
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        connection = self._connection
+        if connection is not None:
+            connection.head_bytes = None
         previous = self.cycle
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
             cycle.transport = _HeadWithFirstBody(cycle, self.transport)  # type: ignore[assignment]
-            if self._connection is not None:
-                self._connection.bind(cycle)
+            if connection is not None:
+                connection.bind(cycle)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if not self._in_head or self.transport.is_closing():
+        connection = self._connection
+        if connection is None or connection.head_bytes is None or self.transport.is_closing():
             return
-        self._head_bytes += len(data)
-        if self._head_bytes > MAX_HEAD_BYTES:
+        connection.head_bytes += len(data)
+        if connection.head_bytes > MAX_HEAD_BYTES:
             self.logger.warning("request head over %d bytes refused", MAX_HEAD_BYTES)
             self.transport.write(_431)
             self.transport.close()

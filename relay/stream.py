@@ -73,8 +73,9 @@ class SubscriberStream:
         watcher: asyncio.Task[None] | None = None
         try:
             await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
-            first, self._first = self._first, b""  # kept by no one once sent
+            first, self._first = self._first, b""
             await send(_body(first))
+            del first  # kept by no one once sent, this coroutine's frame included
             if connection is not None:  # the relay's own server says when the client goes
                 connection.listener = subscriber
                 if connection.is_lost:

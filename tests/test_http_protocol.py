@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
 
-from relay.http_protocol import Connection, _HeadWithFirstBody, connection_of, http_chunk
-from relay.serving import running_server
+from relay.http_protocol import (
+    Connection,
+    RelayHttpProtocol,
+    _HeadWithFirstBody,
+    connection_of,
+    http_chunk,
+)
+from relay.serving import running_server, uvicorn_config
 
 START = {
     "type": "http.response.start",
@@ -244,3 +254,39 @@ async def test_a_socket_that_stops_being_read_pauses_its_stream_and_resumes_it_o
             while not done.is_set():  # reading drains it, and the stream goes on
                 await reader.read(1 << 20)
         writer.close()
+
+
+async def serve_one_request(protocol: HttpToolsProtocol) -> None:
+    ours, theirs = socket.socketpair()
+    await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, ours)
+    reader, writer = await asyncio.open_connection(sock=theirs)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.readuntil(b"ok")).startswith(b"HTTP/1.1 200 OK")
+    writer.close()
+    await writer.wait_closed()
+
+
+async def served_protocol(protocol_class: type[HttpToolsProtocol]) -> HttpToolsProtocol:
+    """The last of three connections of `protocol_class`, each having served one request."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send(START)
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    config = uvicorn_config(app, lifespan="off")
+    config.load()
+    protocol = None
+    for _ in range(3):  # the class's shared attribute layout is settled by its first instances
+        protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
+        await serve_one_request(protocol)
+    assert protocol is not None
+    return protocol
+
+
+async def test_each_connection_keeps_its_attributes_as_compactly_as_uvicorns_own() -> None:
+    plain = await served_protocol(HttpToolsProtocol)
+    relay = await served_protocol(RelayHttpProtocol)
+    assert set(vars(relay)) - set(vars(plain)) == {"_connection"}
+    # Each attribute more, or one set outside __init__, would give each protocol its own dict.
+    assert sys.getsizeof(vars(relay)) < sys.getsizeof(vars(plain)) + 64
