@@ -12,6 +12,9 @@
   of the relay's per client.
 - The response head and the first body part leave in one write. uvicorn writes each ASGI message
   at once: for an event stream that is two packets and two wake-ups of the client per connection.
+- No asyncio.Event per connection until something waits on it. uvicorn keeps two (the write
+  flow's and the request body's), 760 bytes each with their deques, for as long as a connection
+  lasts; an event stream's is rarely paused and never reads a body.
 """
 
 from __future__ import annotations
@@ -110,6 +113,61 @@ def connection_of(scope: Scope) -> Connection | None:
     return cast(Connection, extension["connection"]) if extension else None
 
 
+class _FlowControl(FlowControl):
+    """uvicorn's, with the asyncio.Event that `drain` waits on made when writing pauses, and
+    let go when it resumes."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:  # uvicorn's would make the Event
+        self._transport = transport  # what FlowControl's pause_reading and resume_reading use
+        self.read_paused = False
+        self.write_paused = False
+        self._writable: asyncio.Event | None = None  # while writing is paused
+
+    async def drain(self) -> None:
+        if self._writable is not None:
+            await self._writable.wait()
+
+    def pause_writing(self) -> None:
+        if not self.write_paused:
+            self.write_paused = True
+            self._writable = asyncio.Event()
+
+    def resume_writing(self) -> None:
+        if self.write_paused:
+            self.write_paused = False
+            writable, self._writable = self._writable, None
+            if writable is not None:
+                writable.set()
+
+
+class _MessageEvent:
+    """What uvicorn's request cycle uses of the asyncio.Event that tells `receive` of request body
+    and disconnection, with the Event made only when `receive` has to wait."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._event: asyncio.Event | None = None
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        self._set = False
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self) -> bool:
+        if self._set:
+            return True
+        if self._event is None:
+            self._event = asyncio.Event()
+        return await self._event.wait()
+
+
 class _HeadWithFirstBody:
     """Stands in for the transport of one request/response cycle until its head has left.
 
@@ -162,6 +220,10 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._connection: Connection | None = None  # the current request's, from its first byte
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self.flow = _FlowControl(transport)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         connection = self._connection = Connection(self.transport, self.flow)
@@ -176,6 +238,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
             cycle.transport = _HeadWithFirstBody(cycle, self.transport)  # type: ignore[assignment]
+            cycle.message_event = _MessageEvent()  # type: ignore[assignment]
             if connection is not None:
                 connection.bind(cycle)
 

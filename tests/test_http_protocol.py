@@ -9,7 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -284,9 +284,46 @@ async def served_protocol(protocol_class: type[HttpToolsProtocol]) -> HttpToolsP
     return protocol
 
 
-async def test_each_connection_keeps_its_attributes_as_compactly_as_uvicorns_own() -> None:
+async def test_each_connection_keeps_its_state_compactly() -> None:
     plain = await served_protocol(HttpToolsProtocol)
     relay = await served_protocol(RelayHttpProtocol)
     assert set(vars(relay)) - set(vars(plain)) == {"_connection"}
     # Each attribute more, or one set outside __init__, would give each protocol its own dict.
     assert sys.getsizeof(vars(relay)) < sys.getsizeof(vars(plain)) + 64
+    # Nothing waited on either: no asyncio.Event kept (uvicorn's own keeps two).
+    kept = [*vars(relay.flow).values(), relay.cycle.message_event]
+    assert not [value for value in kept if isinstance(value, asyncio.Event)]
+    assert [value for value in vars(plain.flow).values() if isinstance(value, asyncio.Event)]
+
+
+async def test_a_body_that_arrives_while_the_app_waits_is_received_and_then_the_disconnect() -> (
+    None
+):
+    waiting = asyncio.Event()
+    received: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        waiting.set()
+        received.put_nowait(await receive())  # nothing of the body has arrived yet
+        await send(START)
+        await send({"type": "http.response.body", "body": b"ok", "more_body": True})
+        received.put_nowait(await receive())  # until the client goes
+
+    async with serving(app) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\n")
+        async with asyncio.timeout(5):
+            await waiting.wait()
+        assert received.empty()
+        writer.write(b"data")
+        async with asyncio.timeout(5):
+            assert await received.get() == {
+                "type": "http.request",
+                "body": b"data",
+                "more_body": False,
+            }
+            await reader.readuntil(b"ok")
+        assert received.empty()
+        writer.close()
+        async with asyncio.timeout(5):
+            assert (await received.get())["type"] == "http.disconnect"
