@@ -6,7 +6,7 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -325,14 +325,16 @@ class RelayApp:
     def state(self) -> State:
         return self.app.state
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: the server awaits the one it picks, and an open stream's chain
+        # of suspended frames, kept for as long as the client stays, is one shorter (relay/serving.py
+        # tells uvicorn that this is an ASGI 3 app all the same).
         if scope["type"] != "http":
-            await self.app(scope, receive, send)
-        elif scope["path"] == EVENTS_PATH:
+            return self.app(scope, receive, send)
+        if scope["path"] == EVENTS_PATH:
             scope["app"] = self.app  # what Request.app reads
-            await self._events(scope, receive, send)
-        else:
-            await self._logged(scope, receive, send)
+            return self._events(scope, receive, send)
+        return self._logged(scope, receive, send)
 
     async def _logged(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Every other route, with its access line."""

@@ -50,6 +50,7 @@ def uvicorn_config(
         app,
         loop="uvloop",
         http=RelayHttpProtocol,
+        interface="asgi3",  # RelayApp's __call__ returns its awaitable rather than being async
         log_config=None,
         access_log=False,  # relay/app.py writes its own, without query strings
         proxy_headers=True,
