@@ -14,7 +14,8 @@
   at once: for an event stream that is two packets and two wake-ups of the client per connection.
 - No asyncio.Event per connection until something waits on it. uvicorn keeps two (the write
   flow's and the request body's), 760 bytes each with their deques, for as long as a connection
-  lasts; an event stream's is rarely paused and never reads a body.
+  lasts; an event stream's is rarely paused and never reads a body. Likewise its queue of
+  pipelined requests is a list (56 bytes) rather than a deque (760).
 """
 
 from __future__ import annotations
@@ -168,6 +169,14 @@ class _MessageEvent:
         return await self._event.wait()
 
 
+class _Pipeline(list[Any]):
+    """The queue of pipelined requests, as uvicorn uses it (`appendleft`, `pop`, truth): a client
+    rarely pipelines, and never more than a few requests."""
+
+    def appendleft(self, item: Any) -> None:
+        self.insert(0, item)
+
+
 class _HeadWithFirstBody:
     """Stands in for the transport of one request/response cycle until its head has left.
 
@@ -218,6 +227,7 @@ class RelayHttpProtocol(HttpToolsProtocol):
     # (tests/test_http_protocol.py checks). Per-request state lives on Connection.
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.pipeline = _Pipeline()  # type: ignore[assignment]
         self._connection: Connection | None = None  # the current request's, from its first byte
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

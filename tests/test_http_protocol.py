@@ -294,6 +294,7 @@ async def test_each_connection_keeps_its_state_compactly() -> None:
     kept = [*vars(relay.flow).values(), relay.cycle.message_event]
     assert not [value for value in kept if isinstance(value, asyncio.Event)]
     assert [value for value in vars(plain.flow).values() if isinstance(value, asyncio.Event)]
+    assert sys.getsizeof(relay.pipeline) < sys.getsizeof(plain.pipeline) / 4
 
 
 async def test_a_body_that_arrives_while_the_app_waits_is_received_and_then_the_disconnect() -> (
@@ -327,3 +328,23 @@ async def test_a_body_that_arrives_while_the_app_waits_is_received_and_then_the_
         writer.close()
         async with asyncio.timeout(5):
             assert (await received.get())["type"] == "http.disconnect"
+
+
+async def test_pipelined_requests_are_answered_in_order() -> None:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        body = scope["path"].encode()
+        await send(START | {"headers": [(b"content-length", str(len(body)).encode())]})
+        await asyncio.sleep(0)  # the next request is queued meanwhile
+        await send({"type": "http.response.body", "body": body})
+
+    async with serving(app) as (host, port):
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % n for n in range(4)))
+        bodies = []
+        async with asyncio.timeout(5):
+            for _ in range(4):
+                head = await reader.readuntil(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200 OK")
+                bodies.append(await reader.readexactly(2))
+        assert bodies == [b"/0", b"/1", b"/2", b"/3"]
+        writer.close()
