@@ -1,7 +1,7 @@
 """`python -m bench`: the relay and the naive sse-starlette baseline, side by side, on issue 7's load.
 
-    uv run python -m bench                                  # the whole matrix, 3 times (45 min)
-    uv run python -m bench --repeat 1                       # the whole matrix once (15 min)
+    uv run python -m bench                                  # the whole matrix, 3 times (20 min)
+    uv run python -m bench --repeat 1                       # the whole matrix once (7 min)
     uv run python -m bench --scenario fanout-1k --quick     # 100 clients, 20 events (seconds)
 
 Each scenario runs on the relay and then on the naive baseline, --repeat times over, alternating so
