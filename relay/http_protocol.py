@@ -22,13 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import weakref
 from collections.abc import Callable
-from typing import Any, Protocol, cast
+from typing import Any, Literal, NamedTuple, Protocol, cast
 
+import httptools
 from starlette.types import Scope
+from uvicorn.config import Config
+from uvicorn.logging import TRACE_LOG_LEVEL
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
+from uvicorn.server import ServerState
 
 MAX_HEAD_BYTES = (
     64 * 1024
@@ -220,19 +226,93 @@ class _HeadWithFirstBody:
         return getattr(self._transport, name)
 
 
+class _PerServer(NamedTuple):
+    """What uvicorn's protocol looks up again for every connection, though it is the same for every
+    connection of a server: looked up at its first connection, kept on its ServerState."""
+
+    loop: asyncio.AbstractEventLoop
+    logger: logging.Logger
+    access_logger: logging.Logger
+    access_log: bool
+    asgi_version: Literal["2.0", "3.0"]
+
+
+_PER_SERVER = "relay_per_server"  # the attribute of uvicorn's ServerState that holds _PerServer
+
+
+def _per_server(config: Config, server_state: ServerState) -> _PerServer:
+    shared: _PerServer | None = getattr(server_state, _PER_SERVER, None)
+    if shared is None:
+        access_logger = logging.getLogger("uvicorn.access")
+        shared = _PerServer(
+            asyncio.get_running_loop(),
+            logging.getLogger("uvicorn.error"),
+            access_logger,
+            access_logger.hasHandlers(),
+            config.asgi_version,
+        )
+        setattr(server_state, _PER_SERVER, shared)
+    return shared
+
+
 class RelayHttpProtocol(HttpToolsProtocol):
     # One instance attribute beyond uvicorn's 28, and set in __init__: CPython 3.11 keeps up to 29
     # attributes of an instance in a compact layout shared by its class when all but one are set
     # in __init__ (uvicorn sets `url` later); past that each connection gets its own 1.5 KB dict
     # (tests/test_http_protocol.py checks). Per-request state lives on Connection.
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # uvicorn's HttpToolsProtocol.__init__, the same attributes in the same order
+        # (tests/test_http_protocol.py compares them), without its two logger look-ups (each
+        # under logging's lock), the walk of the access logger's handlers and the config's
+        # properties on every connection: a connection's CPU is what a reconnecting fleet pays.
+        shared = _per_server(config, server_state)
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or shared.loop
+        self.logger = shared.logger
+        self.access_logger = shared.access_logger
+        self.access_log = shared.access_log
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.ws_protocol_class = config.ws_protocol_class
+        self.root_path = config.root_path
+        self.asgi_version = shared.asgi_version
+        self.limit_concurrency = config.limit_concurrency
+        self.app_state = app_state
+        self.timeout_keep_alive_task = None
+        self.timeout_keep_alive = config.timeout_keep_alive
+        self.server_state = server_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.transport = None  # type: ignore[assignment]
+        self.flow = None  # type: ignore[assignment]
+        self.server = None
+        self.client = None
+        self.scheme = None
         self.pipeline = _Pipeline()  # type: ignore[assignment]
+        self.scope = None  # type: ignore[assignment]
+        self.headers = None  # type: ignore[assignment]
+        self.expect_100_continue = False
+        self.cycle = None  # type: ignore[assignment]
         self._connection: Connection | None = None  # the current request's, from its first byte
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # uvicorn's, with the relay's flow control in place of one made to be thrown away.
+        self.connections.add(self)
+        self.transport = transport
         self.flow = _FlowControl(transport)
+        self.server = get_local_addr(transport)
+        self.client = get_remote_addr(transport)
+        self.scheme = "https" if is_ssl(transport) else "http"
+        if self.logger.level <= TRACE_LOG_LEVEL:
+            prefix = f"{self.client[0]}:{self.client[1]} - " if self.client else ""
+            self.logger.log(TRACE_LOG_LEVEL, "%sHTTP connection made", prefix)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
