@@ -10,7 +10,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jwt
@@ -62,11 +62,20 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 _STRICT_JSON = json.JSONDecoder(object_pairs_hook=_unique_members)  # one decoder, not one per call
+# The decoder's scanner, called directly: `decode` adds two frames and two whitespace matches for
+# what a compact JSON text, as every JWT library writes, never has.
+_SCAN_ONCE: Callable[[str, int], tuple[Any, int]] = _STRICT_JSON.scan_once  # type: ignore[attr-defined]
 
 
 def _json_object(raw: bytes) -> dict[str, Any]:
     try:
-        value = _STRICT_JSON.decode(raw.decode())
+        text = raw.decode()
+        try:
+            value, end = _SCAN_ONCE(text, 0)
+        except StopIteration:  # no value where the text starts
+            end = -1
+        if end != len(text):  # whitespace around the value, or not JSON: the full decoder says
+            value = _STRICT_JSON.decode(text)
     except (ValueError, RecursionError):
         raise InvalidToken("token is not valid") from None
     if not isinstance(value, dict):

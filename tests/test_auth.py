@@ -126,6 +126,26 @@ def test_refused_tokens(token: str, reason: str) -> None:
     assert token not in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "around", [(" ", ""), ("", "\n"), ("\t", " \r\n")], ids=["before", "after", "both"]
+)
+def test_claims_with_whitespace_around_them_are_read_as_pyjwt_reads_them(
+    around: tuple[str, str],
+) -> None:
+    before, after = around
+    claims = json.dumps({"account_id": "acct_1", "exp": soon()})
+    token = signed_raw(before + claims + after)
+    assert jwt.decode(token, SECRET, algorithms=["HS256"])["account_id"] == "acct_1"
+    assert TokenVerifier(SECRET, 3600).verify(token).account_id == "acct_1"
+
+
+@pytest.mark.parametrize("tail", ["x", "{}", ' {"account_id": "acct_2"}'])
+def test_claims_followed_by_anything_but_whitespace_are_refused(tail: str) -> None:
+    token = signed_raw(json.dumps({"account_id": "acct_1", "exp": soon()}) + tail)
+    with pytest.raises(InvalidToken, match="not valid"):
+        TokenVerifier(SECRET, 3600).verify(token)
+
+
 def test_query_narrows_but_never_widens() -> None:
     scoped = Grant("acct_1", soon(), events=frozenset({"call.incoming", "call.end"}))
     assert scoped.narrowed(frozenset({"call.end", "call.answered"})) == frozenset({"call.end"})
