@@ -24,11 +24,11 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from relay.auth import InvalidToken, admin_key_matches
+from relay.auth import Grant, InvalidToken, admin_key_matches
 from relay.channel import UpstreamState
 from relay.config import Settings
 from relay.events_request import EventsRequest, bearer_token
-from relay.hub import Full, Hub
+from relay.hub import Full, Hub, Opened
 from relay.lease import held_elsewhere
 from relay.runtime import Relay, drain, open_relay
 from relay.stream import STREAM_HEADERS, SubscriberStream
@@ -61,21 +61,24 @@ def bearer(request: Request) -> str | None:
     return bearer_token(request.headers.get("authorization"))
 
 
+def _grant(relay: Relay, request: EventsRequest) -> tuple[Grant, frozenset[str] | None]:
+    """What the request's token allows, and the event types it asks for; raises InvalidToken or
+    ValueError (the types asked for are unusable)."""
+    token = request.token(relay.settings.auth.allow_query_token)
+    if token is None:
+        raise InvalidToken(
+            "a subscriber token is required (Authorization: Bearer, relay_token cookie or ?token=)"
+        )
+    return relay.verifier.verify(token), request.event_types()
+
+
 async def events(relay: Relay, request: EventsRequest) -> Response | SubscriberStream:
     if relay.draining:
         return error(503, "the relay is shutting down; reconnect", {"Retry-After": "1"})
     try:
-        token = request.token(relay.settings.auth.allow_query_token)
-        if token is None:
-            raise InvalidToken(
-                "a subscriber token is required (Authorization: Bearer, relay_token cookie or "
-                "?token=)"
-            )
-        grant = relay.verifier.verify(token)
+        grant, requested = _grant(relay, request)
     except InvalidToken as exc:
         return unauthorized(str(exc))
-    try:
-        requested = request.event_types()
     except ValueError as exc:
         return error(400, str(exc))
     if request.method == "HEAD":
@@ -91,6 +94,29 @@ async def events(relay: Relay, request: EventsRequest) -> Response | SubscriberS
         )
     except Full as exc:
         return error(429, str(exc), {"Retry-After": str(exc.retry_after)})
+    return _stream(relay, grant, opened, resumed=bool(last_event_id))
+
+
+def open_now(relay: Relay, request: EventsRequest) -> SubscriberStream | None:
+    """The stream of a request that opens without waiting (a GET with a usable token, no replay to
+    fetch, within the limits), admitted; None for any other, which then goes the ASGI way through
+    `events`, where it is answered in full (errors, HEAD, Last-Event-ID)."""
+    if request.method != "GET" or relay.draining or request.last_event_id():
+        return None
+    try:
+        grant, requested = _grant(relay, request)
+        subscriber = relay.hub.admit(
+            grant.account_id,
+            events=grant.narrowed(requested),
+            user_id=grant.user_id,
+            peer=request.client,
+        )
+    except (InvalidToken, ValueError, Full):
+        return None
+    return _stream(relay, grant, Opened(subscriber, reset=None, replay=[]), resumed=False)
+
+
+def _stream(relay: Relay, grant: Grant, opened: Opened, *, resumed: bool) -> SubscriberStream:
     log.debug("client connected", account=grant.account_id, subject=grant.subject)
     # What the closing line needs, and nothing else: each client holds its stream's callback for
     # as long as it is connected.
@@ -98,7 +124,7 @@ async def events(relay: Relay, request: EventsRequest) -> Response | SubscriberS
         _closed,
         relay.hub,
         grant.subject,
-        bool(last_event_id),
+        resumed,
         opened.reset is not None,
         len(opened.replay),
         time.monotonic(),
@@ -318,8 +344,24 @@ class RelayApp:
     def __init__(self, app: Starlette, settings: Settings) -> None:
         self.app = app
         self._events: ASGIApp = events_endpoint
-        for middleware in reversed(_cors(settings)):
+        cors = _cors(settings)
+        for middleware in reversed(cors):
             self._events = middleware.cls(self._events, *middleware.args, **middleware.kwargs)
+        self._cors = bool(cors)
+
+    def open_stream(self, scope: Scope) -> SubscriberStream | None:
+        """For the relay's protocol (relay/http_protocol.py): the stream of a `GET /v1/events`
+        that opens at once (`open_now`), which the protocol then serves with no ASGI call; None
+        for every other request, which the protocol hands to this app as usual."""
+        if scope["path"] != EVENTS_PATH:
+            return None
+        relay: Relay | None = getattr(self.app.state, "relay", None)  # set once started
+        if relay is None:
+            return None
+        request = EventsRequest.of(scope)
+        if request.has_origin and self._cors:  # the CORS middleware's headers go on its response
+            return None
+        return open_now(relay, request)
 
     @property
     def state(self) -> State:

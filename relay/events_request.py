@@ -31,10 +31,12 @@ class EventsRequest(NamedTuple):  # a tuple: made on every connection, for the c
     last_event_id_header: str | None
     query: dict[str, str]
     client: str | None
+    has_origin: bool  # a cross-origin request: CORS rules apply to its response
 
     @classmethod
     def of(cls, scope: Scope) -> EventsRequest:
         authorization = cookie = last_event_id = None
+        has_origin = False
         for name, value in scope["headers"]:
             if name == b"authorization" and authorization is None:
                 authorization = value.decode("latin-1")
@@ -42,6 +44,8 @@ class EventsRequest(NamedTuple):  # a tuple: made on every connection, for the c
                 cookie = value.decode("latin-1")
             elif name == b"last-event-id" and last_event_id is None:
                 last_event_id = value.decode("latin-1")
+            elif name == b"origin":
+                has_origin = True
         raw_query: bytes = scope.get("query_string", b"")
         query = (
             dict(parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True))
@@ -56,6 +60,7 @@ class EventsRequest(NamedTuple):  # a tuple: made on every connection, for the c
             last_event_id,
             query,
             client[0] if client else None,
+            has_origin,
         )
 
     def token(self, allow_query: bool) -> str | None:

@@ -24,15 +24,21 @@ import asyncio
 import json
 import logging
 import weakref
-from collections.abc import Callable
-from typing import Any, Literal, NamedTuple, Protocol, cast
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, NamedTuple, Protocol, cast, runtime_checkable
 
 import httptools
-from starlette.types import Scope
+from starlette.types import Receive, Scope, Send
+from uvicorn._types import ASGI3Application
 from uvicorn.config import Config
 from uvicorn.logging import TRACE_LOG_LEVEL
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.protocols.utils import get_local_addr, get_remote_addr, is_ssl
 from uvicorn.server import ServerState
 
@@ -66,6 +72,28 @@ class Listener(Protocol):
     def paused(self) -> None:
         """The transport paused writing (its buffer passed the high-water mark); called from
         inside the write that filled it."""
+
+
+class Stream(Protocol):
+    """An event stream as the app hands it to this protocol to serve (relay/stream.py)."""
+
+    headers: list[tuple[bytes, bytes]]  # beyond the server's own (`date`, `server`)
+
+    def opening(self) -> bytes:
+        """The first body bytes, handed over once."""
+
+    def serve(
+        self, send: Send, connection: Connection | None, receive: Receive | None = None
+    ) -> Coroutine[Any, Any, None]:
+        """The rest of the response, once its head and opening bytes are out (`receive` None)."""
+
+
+@runtime_checkable
+class StreamOpener(Protocol):
+    """An app that can open some requests' streams itself, without being called through ASGI."""
+
+    def open_stream(self, scope: Scope) -> Stream | None:
+        """The request's stream, admitted, if it opens at once; None: call the app as usual."""
 
 
 class Connection:
@@ -235,6 +263,9 @@ class _PerServer(NamedTuple):
     access_logger: logging.Logger
     access_log: bool
     asgi_version: Literal["2.0", "3.0"]
+    opener: StreamOpener | None  # the app, if it opens streams itself
+    # The proxies whose X-Forwarded-* headers the app's ProxyHeadersMiddleware honours, if any.
+    proxies: Any
 
 
 _PER_SERVER = "relay_per_server"  # the attribute of uvicorn's ServerState that holds _PerServer
@@ -244,12 +275,19 @@ def _per_server(config: Config, server_state: ServerState) -> _PerServer:
     shared: _PerServer | None = getattr(server_state, _PER_SERVER, None)
     if shared is None:
         access_logger = logging.getLogger("uvicorn.access")
+        app: object = config.loaded_app
+        proxies = None
+        if isinstance(app, ProxyHeadersMiddleware):
+            proxies = app.trusted_hosts
+            app = app.app
         shared = _PerServer(
             asyncio.get_running_loop(),
             logging.getLogger("uvicorn.error"),
             access_logger,
             access_logger.hasHandlers(),
             config.asgi_version,
+            app if isinstance(app, StreamOpener) else None,
+            proxies,
         )
         setattr(server_state, _PER_SERVER, shared)
     return shared
@@ -327,10 +365,47 @@ class RelayHttpProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         cycle = self.cycle
         if cycle is not previous and cycle is not None:
-            cycle.transport = _HeadWithFirstBody(cycle, self.transport)  # type: ignore[assignment]
+            if not cycle.response_started:  # else the protocol opened its stream and wrote its head
+                cycle.transport = _HeadWithFirstBody(cycle, self.transport)  # type: ignore[assignment]
             cycle.message_event = _MessageEvent()  # type: ignore[assignment]
             if connection is not None:
                 connection.bind(cycle)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """The app's stream opened here when it can be, served by a task of its own with no ASGI
+        call; else uvicorn's task, which calls the app."""
+        stream = self._open_stream(cycle, app)
+        if stream is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        connection = connection_of(cast(Scope, cycle.scope))
+        assert connection is not None
+        connection.bind(cycle)
+        # What uvicorn's send would write for the head of a chunked 200 and its first body part,
+        # in one write; from here the cycle's send frames the body parts as for any response.
+        cycle.response_started = True
+        cycle.chunked_encoding = True
+        self.transport.write(
+            _stream_head(self.server_state.default_headers, stream.headers)
+            + http_chunk(stream.opening())
+        )
+        task = self.loop.create_task(_serve(stream, cycle, connection, self.logger))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _open_stream(self, cycle: RequestResponseCycle, app: ASGI3Application) -> Stream | None:
+        shared = _per_server(self.config, self.server_state)
+        scope = cast(Scope, cycle.scope)
+        if (
+            shared.opener is None
+            or app is not self.app  # uvicorn answers it (over limit_concurrency)
+            or cycle.transport is not self.transport  # a pipelined request, started late
+            or not cycle.keep_alive  # HTTP/1.0 or Connection: close: uvicorn's head says so
+            or connection_of(scope) is None
+            or _forwarded(scope, shared.proxies)
+        ):
+            return None
+        return shared.opener.open_stream(scope)
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -356,3 +431,47 @@ class RelayHttpProtocol(HttpToolsProtocol):
             connection.is_lost = True
             if connection.listener is not None:
                 connection.listener.closed()
+
+
+_HEADS: list[Any] = [None, None, b""]  # the last head built: its server headers, stream headers
+
+
+def _stream_head(
+    server_headers: list[tuple[bytes, bytes]], headers: list[tuple[bytes, bytes]]
+) -> bytes:
+    """A chunked 200's head as uvicorn's send writes it, built again only when uvicorn's own
+    headers change (its `date`, once a second)."""
+    if _HEADS[0] is not server_headers or _HEADS[1] is not headers:
+        lines = [STATUS_LINE[200]]
+        for name, value in [*server_headers, *headers]:
+            lines += [name.lower(), b": ", value, b"\r\n"]
+        lines.append(b"transfer-encoding: chunked\r\n\r\n")
+        _HEADS[:] = [server_headers, headers, b"".join(lines)]
+    head: bytes = _HEADS[2]
+    return head
+
+
+def _forwarded(scope: Scope, proxies: Any) -> bool:
+    """Whether ProxyHeadersMiddleware would take the client or scheme from X-Forwarded-* headers:
+    then the request goes through it, the ASGI way."""
+    client = scope["client"]
+    if proxies is None or not client or client[0] not in proxies:
+        return False
+    return any(name in (b"x-forwarded-for", b"x-forwarded-proto") for name, _ in scope["headers"])
+
+
+async def _serve(
+    stream: Stream, cycle: RequestResponseCycle, connection: Connection, logger: logging.Logger
+) -> None:
+    """A stream the protocol opened, with what uvicorn's run_asgi does around an app."""
+    try:
+        await stream.serve(cast(Send, cycle.send), connection)
+    except BaseException as exc:
+        logger.error("Exception in ASGI application\n", exc_info=exc)
+        cycle.transport.close()
+    else:
+        if not cycle.response_complete and not cycle.disconnected:
+            logger.error("ASGI callable returned without completing response.")
+            cycle.transport.close()
+    finally:
+        cycle.on_response = lambda: None

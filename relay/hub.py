@@ -49,8 +49,9 @@ class Demand(Protocol):
 class Full(Exception):
     """A client limit is reached; answer 429 with Retry-After."""
 
-    def __init__(self, reason: str, retry_after: int) -> None:
+    def __init__(self, limit: str, reason: str, retry_after: int = 5) -> None:
         super().__init__(reason)
+        self.limit = limit  # the setting, as the relay_clients_rejected metric labels it
         self.reason = reason
         self.retry_after = retry_after
 
@@ -191,26 +192,22 @@ class Hub:
     def accounts(self) -> list[str]:
         return list(self._accounts)
 
-    async def subscribe(
+    def admit(
         self,
         account_id: str,
         *,
         events: frozenset[str] | None,
         user_id: str | None,
-        last_event_id: str | None,
         peer: str | None = None,
-    ) -> Opened:
-        """Admit a client from address `peer`; raises Full past a limit. Replay and live are handed
-        over gap- and repeat-free."""
+    ) -> Subscriber:
+        """Admit a client from address `peer` to live events; raises Full past a limit (uncounted:
+        `subscribe` counts the refusals it answers)."""
         if self._count >= self._limits.max_clients:
-            self._metrics.rejected.labels("max_clients").inc()
-            raise Full("the relay is at max_clients", retry_after=5)
+            raise Full("max_clients", "the relay is at max_clients")
         if len(self._accounts.get(account_id, ())) >= self._limits.max_clients_per_account:
-            self._metrics.rejected.labels("max_clients_per_account").inc()
-            raise Full("this account is at max_clients_per_account", retry_after=5)
+            raise Full("max_clients_per_account", "this account is at max_clients_per_account")
         if peer is not None and self._per_peer.get(peer, 0) >= self._limits.max_clients_per_ip:
-            self._metrics.rejected.labels("max_clients_per_ip").inc()
-            raise Full("this address is at max_clients_per_ip", retry_after=5)
+            raise Full("max_clients_per_ip", "this address is at max_clients_per_ip")
         audience = self._accounts.get(account_id)
         if audience is None:
             audience = self._open_account(account_id)
@@ -223,6 +220,24 @@ class Hub:
             on_cut=self._on_cut,
         )
         self._add(subscriber, audience)
+        return subscriber
+
+    async def subscribe(
+        self,
+        account_id: str,
+        *,
+        events: frozenset[str] | None,
+        user_id: str | None,
+        last_event_id: str | None,
+        peer: str | None = None,
+    ) -> Opened:
+        """`admit`, counting a refusal, then the replay after `last_event_id`: replay and live are
+        handed over gap- and repeat-free."""
+        try:
+            subscriber = self.admit(account_id, events=events, user_id=user_id, peer=peer)
+        except Full as exc:
+            self._metrics.rejected.labels(exc.limit).inc()
+            raise
         if not last_event_id:
             return Opened(subscriber, reset=None, replay=[])
         subscriber.begin_replay()

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from starlette.types import Receive, Scope, Send
 
 from relay.channel import UpstreamStatus
-from relay.http_protocol import connection_of
+from relay.http_protocol import Connection, connection_of
 from relay.hub import Opened, reset_frame, upstream_frame
 from relay.sse import encode_event
 from relay.subscriber import CutReason, Subscriber
@@ -47,6 +47,8 @@ async def _until_disconnect(receive: Receive, subscriber: Subscriber) -> None:
 
 
 class SubscriberStream:
+    headers = _RAW_HEADERS  # the response's own, beyond the server's `date` and `server`
+
     def __init__(
         self,
         opened: Opened,
@@ -65,22 +67,37 @@ class SubscriberStream:
         self._subscriber = subscriber
         self._on_close = on_close
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def opening(self) -> bytes:
+        """The frames that go first (connected, a reset notice, the replay), handed over once."""
+        first, self._first = self._first, b""
+        return first
+
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        return self.serve(send, connection_of(scope), receive)
+
+    async def serve(
+        self, send: Send, connection: Connection | None, receive: Receive | None = None
+    ) -> None:
+        """The stream, from its opening frames to its end.
+
+        `receive`: the request's, when the head and the opening frames are still to be sent through
+        `send` (an ASGI response); None when the relay's protocol wrote them itself and runs this
+        for the rest (relay/http_protocol.py).
+        """
         # One coroutine for the whole stream, its flush loop included: each open stream keeps its
         # frames for as long as it lasts (relay/serve.py says why that matters).
         subscriber = self._subscriber
-        connection = connection_of(scope)
         watcher: asyncio.Task[None] | None = None
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _RAW_HEADERS})
-            first, self._first = self._first, b""
-            await send(_body(first))
-            del first  # kept by no one once sent, this coroutine's frame included
+            if receive is not None:
+                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+                await send(_body(self.opening()))
             if connection is not None:  # the relay's own server says when the client goes
                 connection.listener = subscriber
                 if connection.is_lost:
                     subscriber.closed()
             else:  # any other ASGI server: a task waits for http.disconnect
+                assert receive is not None
                 watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
             subscriber.attach(send, connection.writer() if connection else None)
             while True:

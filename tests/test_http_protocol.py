@@ -9,6 +9,7 @@ import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+import pytest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -352,3 +353,135 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
                 bodies.append(await reader.readexactly(2))
         assert bodies == [b"/0", b"/1", b"/2", b"/3"]
         writer.close()
+
+
+class OneStream:
+    """What the protocol serves for an app that opens `/stream` itself (relay/stream.py's part)."""
+
+    def __init__(self, release: asyncio.Event, fail: bool) -> None:
+        self.headers = [(b"content-type", b"text/event-stream")]
+        self._release = release
+        self._fail = fail
+
+    def opening(self) -> bytes:
+        return b"opened\n"
+
+    async def serve(
+        self, send: Send, connection: Connection | None, receive: Receive | None = None
+    ) -> None:
+        assert receive is None  # the protocol wrote the head and the opening bytes
+        assert connection is not None
+        await self._release.wait()
+        if self._fail:
+            raise RuntimeError("the stream broke")
+        await send({"type": "http.response.body", "body": b"more\n", "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class OpensStreams:
+    """An ASGI app that opens `/stream` itself when asked (relay/app.py's RelayApp does so for
+    /v1/events); it answers every request it is called for, `/stream` included, with `asgi`."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.called: list[str] = []  # the paths it was called for through ASGI
+        self.release = asyncio.Event()
+        self._fail = fail
+
+    def open_stream(self, scope: Scope) -> OneStream | None:
+        return OneStream(self.release, self._fail) if scope["path"] == "/stream" else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        self.called.append(scope["path"])
+        await send(START | {"headers": [(b"content-length", b"4")]})
+        await send({"type": "http.response.body", "body": b"asgi"})
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    app: OpensStreams, trusted_proxies: list[str] | None = None
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    async with running_server(app, trusted_proxies=trusted_proxies) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            yield reader, writer
+        finally:
+            writer.close()
+
+
+async def test_a_stream_the_app_opens_is_served_without_an_asgi_call() -> None:
+    app = OpensStreams()
+    async with connected(app) as (reader, writer):
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readuntil(b"opened\n\r\n") == b"7\r\nopened\n\r\n"
+        lines = head.split(b"\r\n")
+        assert lines[0] == b"HTTP/1.1 200 OK"
+        assert {line.split(b":")[0] for line in lines[1:] if line} == {
+            b"date",
+            b"server",
+            b"content-type",
+            b"transfer-encoding",
+        }
+        assert b"transfer-encoding: chunked" in lines
+        app.release.set()  # the rest goes through the cycle's send, as for any response
+        async with asyncio.timeout(5):
+            assert await reader.readuntil(b"0\r\n\r\n") == b"5\r\nmore\n\r\n0\r\n\r\n"
+        # The connection is kept alive for the next request, which the app is called for.
+        writer.write(b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 OK")
+            assert await reader.readexactly(4) == b"asgi"
+    assert app.called == ["/other"]
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GET /stream HTTP/1.0\r\n",  # its head would say connection: close
+        b"GET /stream HTTP/1.1\r\nConnection: close\r\n",
+        b"GET /stream HTTP/1.1\r\nX-Forwarded-For: 192.0.2.7\r\n",  # the proxy middleware's
+        b"GET /stream HTTP/1.1\r\nX-Forwarded-Proto: https\r\n",
+    ],
+    ids=["http-1.0", "connection-close", "forwarded-for", "forwarded-proto"],
+)
+async def test_a_stream_the_protocol_cannot_open_as_asgi_would_goes_to_the_app(
+    request_head: bytes,
+) -> None:
+    app = OpensStreams()
+    async with connected(app, trusted_proxies=["127.0.0.1"]) as (reader, writer):
+        writer.write(request_head + b"Host: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(4) == b"asgi"
+    assert app.called == ["/stream"]
+
+
+async def test_forwarded_headers_from_an_untrusted_peer_do_not_stop_the_protocol_opening() -> None:
+    app = OpensStreams()
+    async with connected(app, trusted_proxies=["192.0.2.1"]) as (reader, writer):
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 192.0.2.7\r\n\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"opened\n\r\n")
+    assert app.called == []
+
+
+async def test_a_stream_that_fails_is_logged_and_its_connection_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = OpensStreams(fail=True)
+    async with connected(app) as (reader, writer):
+        writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"opened\n\r\n")
+        app.release.set()
+        async with asyncio.timeout(5):
+            await read_to_end(reader)  # closed, without the last chunk
+    assert "Exception in ASGI application" in caplog.text
+    assert "the stream broke" in caplog.text
