@@ -13,7 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +72,10 @@ def free_port(host: str) -> int:
         return port
 
 
-async def _listening(server: ServerProcess) -> None:
+async def _listening(server: ServerProcess, timeout: float) -> None:
     """Returns once the server accepts connections; raises ServerFailed if it exits first."""
     try:
-        async with asyncio.timeout(START_TIMEOUT_SECONDS):
+        async with asyncio.timeout(timeout):
             while True:
                 if server.exit_code() is not None:
                     log = await asyncio.to_thread(server.log.read_text, errors="replace")
@@ -89,14 +89,18 @@ async def _listening(server: ServerProcess) -> None:
                 await writer.wait_closed()
                 return
     except TimeoutError:
-        raise ServerFailed(
-            f"{server.name} did not listen within {START_TIMEOUT_SECONDS} s"
-        ) from None
+        raise ServerFailed(f"{server.name} did not listen within {timeout:.0f} s") from None
 
 
 @contextlib.asynccontextmanager
 async def _running(
-    name: str, argv: list[str], host: str, port: int, log: Path, env: dict[str, str]
+    name: str,
+    argv: list[str],
+    host: str,
+    port: int,
+    log: Path,
+    env: dict[str, str],
+    start_timeout: float = START_TIMEOUT_SECONDS,
 ) -> AsyncIterator[ServerProcess]:
     output = await asyncio.to_thread(log.open, "wb")
     with output:
@@ -105,7 +109,7 @@ async def _running(
         )
     server = ServerProcess(name, process, host, port, log)
     try:
-        await _listening(server)
+        await _listening(server, start_timeout)
         yield server
     finally:
         await stop(process, STOP_TIMEOUT_SECONDS)
@@ -127,9 +131,17 @@ def empty(workdir: Path, host: str) -> contextlib.AbstractAsyncContextManager[Se
 
 
 def server(
-    name: str, workdir: Path, host: str, upstream_url: str, secret: str
+    name: str,
+    workdir: Path,
+    host: str,
+    upstream_url: str,
+    secret: str,
+    *,
+    under: Sequence[str] = (),
+    start_timeout: float = START_TIMEOUT_SECONDS,
 ) -> contextlib.AbstractAsyncContextManager[ServerProcess]:
-    """`relay serve`, or the naive baseline, reading upstream from the simulator at `upstream_url`."""
+    """`relay serve`, or the naive baseline, reading upstream from the simulator at `upstream_url`;
+    `under`: a command that runs it (valgrind, for bench/instructions.py)."""
     port = free_port(host)
     env = {"RELAY_AUTH__SECRET": secret}
     if name == "relay":
@@ -148,4 +160,4 @@ def server(
         argv += ["--upstream", upstream_url, "--secret-key", DEFAULT_SECRET_KEY]
     else:
         raise ValueError(f"unknown server {name!r}; choose from {', '.join(SERVERS)}")
-    return _running(name, argv, host, port, workdir / f"{name}.log", env)
+    return _running(name, [*under, *argv], host, port, workdir / f"{name}.log", env, start_timeout)

@@ -179,3 +179,28 @@ def test_the_floor_command_reports_both_floors() -> None:
     assert match, out
     assert float(match[1]) > 0
     assert int(match[2]) > 0
+
+
+def test_the_instruction_count_runs_the_relay_under_callgrind() -> None:
+    # valgrind is installed by .ci/run; in a process of its own, as the floor command above.
+    counter = subprocess.Popen(
+        [sys.executable, "-m", "bench.instructions", "--clients", "20"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = counter.communicate(timeout=240)
+    finally:
+        if counter.poll() is None:
+            os.killpg(counter.pid, signal.SIGKILL)
+            counter.wait()
+    assert counter.returncode == 0, out + err
+    match = re.fullmatch(
+        r"([\d,]+) instructions per connection \(relay, user space, 19 clients\)\n", out
+    )
+    assert match is not None, out + err
+    # A connection is some hundreds of thousands of instructions (about 300,000 in 2026-12).
+    assert 10_000 < int(match[1].replace(",", "")) < 10_000_000
