@@ -92,13 +92,12 @@ def _optional_str(claims: Mapping[str, Any], name: str) -> str | None:
 
 def _time_claim(claims: Mapping[str, Any], name: str) -> float | None:
     value = claims.get(name)
-    # Finite JSON numbers only (Python's parser also reads NaN and Infinity; PyJWT's claim checks
+    # Finite JSON numbers only: the parser's ints and floats by their exact types (a bool is
+    # neither), without the NaN and Infinity that Python's parser also reads (PyJWT's claim checks
     # would also take a string of digits).
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value)
-    ):
-        raise InvalidToken(f"claim '{name}' must be a number of seconds since the epoch")
-    return value
+    if value is None or type(value) is int or (type(value) is float and math.isfinite(value)):
+        return value
+    raise InvalidToken(f"claim '{name}' must be a number of seconds since the epoch")
 
 
 _BASE64URL = re.compile(rb"[A-Za-z0-9_-]*")
