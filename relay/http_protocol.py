@@ -136,6 +136,11 @@ class Connection:
             return None
         return self._transport.write
 
+    @property
+    def write_paused(self) -> bool:
+        """Whether the transport has paused writing: its buffer is past the high-water mark."""
+        return self._flow.write_paused
+
     async def writable(self) -> None:
         """Returns once the transport takes writes again (at once if it is not paused); also
         when the client has gone."""

@@ -96,6 +96,8 @@ class SubscriberStream:
                 connection.listener = subscriber
                 if connection.is_lost:
                     subscriber.closed()
+                elif connection.write_paused:  # the opening frames filled the socket's buffers
+                    subscriber.paused()  # (a long replay): queue, bounded, until it drains
             else:  # any other ASGI server: a task waits for http.disconnect
                 assert receive is not None
                 watcher = asyncio.create_task(_until_disconnect(receive, subscriber))
