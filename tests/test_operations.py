@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -224,6 +227,56 @@ async def test_logs_never_contain_a_token_or_secret(tmp_path: Path) -> None:
         assert secret not in logs
         assert secret[:24] not in logs
     assert "eyJ" not in logs  # no JWT fragment at all
+
+
+def _documented(markdown: str, language: str, starting: str) -> str:
+    """The fenced block of `language` in docs/scaling.md whose text starts with `starting`."""
+    for block in markdown.split("```" + language + "\n")[1:]:
+        code = textwrap.dedent(block.split("```")[0])
+        if code.lstrip().startswith(starting):
+            return code
+    raise AssertionError(f"docs/scaling.md has no {language} block starting {starting!r}")
+
+
+@contextlib.contextmanager
+def uvicorn_process(argv: list[str], cwd: Path, env: dict[str, str]) -> Iterator[RelayProcess]:
+    log_path = cwd / "uvicorn.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield RelayProcess(proc, "", log_path)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+async def test_the_documented_uvicorn_command_serves_event_streams(tmp_path: Path) -> None:
+    """docs/scaling.md's `uvicorn asgi:app ...` for several workers, run as written but for one
+    worker on a loopback port, with its asgi.py: clients get their streams."""
+    markdown = (ROOT / "docs" / "scaling.md").read_text()
+    (tmp_path / "asgi.py").write_text(_documented(markdown, "python", "from relay.app"))
+    shell = _documented(markdown, "sh", "export").replace("\\\n", " ")
+    command = shlex.split(next(line for line in shell.splitlines() if "uvicorn " in line))
+    port = free_port()
+    substitutes = {"--host": "127.0.0.1", "--port": str(port), "--workers": "1"}
+    argv = [sys.executable, "-m", "uvicorn"]
+    argv += [substitutes.get(previous, word) for previous, word in itertools.pairwise(command)]
+    issuer = TokenIssuer(AUTH_SECRET, 86_400)
+    async with simulator() as (_, sim_url):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(tmp_path),
+            "RELAY_AUTH__SECRET": AUTH_SECRET,
+            "RELAY_UPSTREAM__SECRET_KEY": SECRET_KEY,
+            "RELAY_UPSTREAM__BASE_URL": sim_url,
+        }
+        with uvicorn_process(argv, tmp_path, env) as served:
+            url = f"http://127.0.0.1:{port}"
+            await wait_ready(url, served.proc)
+            async with asyncio.timeout(20):
+                client = await open_raw(url, issuer.issue("acct_ops", 600)[0])
+            client.writer.close()
+    assert client.received.startswith(b"HTTP/1.1 200 OK"), served.logs()[-2000:]
 
 
 @pytest.fixture(autouse=True)
