@@ -152,12 +152,12 @@ def test_the_write_floor_measures_something() -> None:
     )  # µs per write: the command runs and reports a figure
 
 
-def test_the_floor_command_reports_both_floors() -> None:
-    # In a process of its own: its load-generator workers (and multiprocessing's resource
-    # tracker) are its children, not the suite's. 500 clients: enough CPU for the 10 ms ticks of
-    # /proc to count on a fast machine too.
-    floor = subprocess.Popen(
-        [sys.executable, "-m", "bench.floor", "--clients", "500"],
+def _run_module(*argv: str, timeout: float) -> str:
+    """`python -m ARGV` in a process of its own, its standard output; it must exit 0. Its
+    load-generator workers (and multiprocessing's resource tracker) are its children, not the
+    suite's, and are killed with it if the test ends first."""
+    command = subprocess.Popen(
+        [sys.executable, "-m", *argv],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -165,12 +165,18 @@ def test_the_floor_command_reports_both_floors() -> None:
         start_new_session=True,
     )
     try:
-        out, err = floor.communicate(timeout=90)
+        out, err = command.communicate(timeout=timeout)
     finally:
-        if floor.poll() is None:
-            os.killpg(floor.pid, signal.SIGKILL)
-            floor.wait()
-    assert floor.returncode == 0, out + err
+        if command.poll() is None:
+            os.killpg(command.pid, signal.SIGKILL)
+            command.wait()
+    assert command.returncode == 0, out + err
+    return out
+
+
+def test_the_floor_command_reports_both_floors() -> None:
+    # 500 clients: enough CPU for the 10 ms ticks of /proc to count on a fast machine too.
+    out = _run_module("bench.floor", "--clients", "500", timeout=90)
     match = re.fullmatch(
         r"\s*500 clients: ([\d.]+) µs CPU per write, (\d+) µs CPU per connection \(uvicorn, "
         r"empty SSE app\)\n",
@@ -182,25 +188,11 @@ def test_the_floor_command_reports_both_floors() -> None:
 
 
 def test_the_instruction_count_runs_the_relay_under_callgrind() -> None:
-    # valgrind is installed by .ci/run; in a process of its own, as the floor command above.
-    counter = subprocess.Popen(
-        [sys.executable, "-m", "bench.instructions", "--clients", "20"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, err = counter.communicate(timeout=240)
-    finally:
-        if counter.poll() is None:
-            os.killpg(counter.pid, signal.SIGKILL)
-            counter.wait()
-    assert counter.returncode == 0, out + err
+    # valgrind is installed by .ci/run.
+    out = _run_module("bench.instructions", "--clients", "20", timeout=240)
     match = re.fullmatch(
         r"([\d,]+) instructions per connection \(relay, user space, 19 clients\)\n", out
     )
-    assert match is not None, out + err
+    assert match is not None, out
     # A connection is some hundreds of thousands of instructions (about 300,000 in 2026-12).
     assert 10_000 < int(match[1].replace(",", "")) < 10_000_000
