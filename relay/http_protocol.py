@@ -379,12 +379,12 @@ class RelayHttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
         """The app's stream opened here when it can be, served by a task of its own with no ASGI
         call; else uvicorn's task, which calls the app."""
-        stream = self._open_stream(cycle, app)
-        if stream is None:
+        scope = cast(Scope, cycle.scope)
+        connection = connection_of(scope)
+        stream = None if connection is None else self._open_stream(scope, cycle, app)
+        if stream is None or connection is None:
             super()._start_asgi_task(cycle, app)
             return
-        connection = connection_of(cast(Scope, cycle.scope))
-        assert connection is not None
         connection.bind(cycle)
         # What uvicorn's send would write for the head of a chunked 200 and its first body part,
         # in one write; from here the cycle's send frames the body parts as for any response.
@@ -398,15 +398,15 @@ class RelayHttpProtocol(HttpToolsProtocol):
         task.add_done_callback(self.tasks.discard)
         self.tasks.add(task)
 
-    def _open_stream(self, cycle: RequestResponseCycle, app: ASGI3Application) -> Stream | None:
+    def _open_stream(
+        self, scope: Scope, cycle: RequestResponseCycle, app: ASGI3Application
+    ) -> Stream | None:
         shared = _per_server(self.config, self.server_state)
-        scope = cast(Scope, cycle.scope)
         if (
             shared.opener is None
             or app is not self.app  # uvicorn answers it (over limit_concurrency)
             or cycle.transport is not self.transport  # a pipelined request, started late
             or not cycle.keep_alive  # HTTP/1.0 or Connection: close: uvicorn's head says so
-            or connection_of(scope) is None
             or _forwarded(scope, shared.proxies)
         ):
             return None
